@@ -1,0 +1,1 @@
+"""lightning_simo.data: datasets and datamodules."""

@@ -1,0 +1,1 @@
+"""Task-vector merging: pure functions on state dicts."""

@@ -1,0 +1,1 @@
+"""Plain torch models (no Lightning): encoders, heads, adapters, SIMONet."""
