@@ -1,1 +1,42 @@
-"""Task-vector merging: pure functions on state dicts."""
+"""Task-vector merging: pure functions on state dicts, usable without Lightning.
+
+>>> merged = merge(theta0, [theta_seg, theta_depth], "ties", density=0.2, scaling=1.0)
+"""
+
+from lightning_simo.merging.methods import (
+    BN_STATS_POLICIES,
+    MERGE_METHODS,
+    MergeFn,
+    MergeInputs,
+    MergeMethod,
+    Option,
+    keep_count,
+    merge,
+    register_merge_method,
+)
+from lightning_simo.merging.task_vectors import (
+    check_compatible,
+    cosine_similarity_matrix,
+    is_bn_running_stat,
+    norms,
+    task_vector,
+    task_vectors,
+)
+
+__all__ = [
+    "BN_STATS_POLICIES",
+    "MERGE_METHODS",
+    "MergeFn",
+    "MergeInputs",
+    "MergeMethod",
+    "Option",
+    "check_compatible",
+    "cosine_similarity_matrix",
+    "is_bn_running_stat",
+    "keep_count",
+    "merge",
+    "norms",
+    "register_merge_method",
+    "task_vector",
+    "task_vectors",
+]

@@ -1,0 +1,243 @@
+"""Merge engine vs a flatten-everything implementation: wall time and peak memory.
+
+Three fine-tuned copies of a ViT encoder (random weights: timm ``vit_base_patch14_dinov2``, 86.6M
+parameters, or ``vit_small_patch14_dinov2`` with ``--size small``) are merged with task
+arithmetic and with TIES (global trimming, density 0.2) by
+
+* the engine (``lightning_simo.merging.merge``: tensor by tensor, radix-select thresholds), and
+* the straightforward reference below: concatenate every task vector into an
+  ``(n_tasks x n_params)`` matrix, ``kthvalue`` per row, then whole-matrix arithmetic.
+
+Each variant runs in its own subprocess so that measurements do not leak into each other.
+Memory is the peak resident set size (RSS) *during the merge* minus the RSS just before it: the
+inputs are built first, freed heap memory is returned to the OS (``malloc_trim``), the kernel's
+peak-RSS counter is reset (``/proc/self/clear_refs``), and ``VmHWM`` is read afterwards. RSS is
+what the machine actually has to provide; torch's own allocator statistics are not available on
+CPU. Results are compared through a SHA-256 of every output tensor and must be identical.
+
+The reference functions are also the ground truth of ``tests/test_merging.py``.
+
+Usage: ``python benchmarks/merge_speed.py [--size base|small] [--repeat N]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import gc
+import hashlib
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+__all__ = ["reference_task_arithmetic_flat", "reference_ties_flat"]
+
+MODELS = {"base": "vit_base_patch14_dinov2", "small": "vit_small_patch14_dinov2"}
+VARIANTS = ("engine-task_arithmetic", "flat-task_arithmetic", "engine-ties", "flat-ties")
+N_TASKS = 3
+DENSITY = 0.2
+SCALING = 0.3
+
+
+# ----------------------------------------------------------------------------- references
+
+
+def _flat_setup(
+    pretrained: Mapping[str, Tensor], finetuned: Sequence[Mapping[str, Tensor]]
+) -> tuple[list[str], torch.dtype, Tensor, Tensor]:
+    keys = [k for k, v in pretrained.items() if v.is_floating_point()]
+    wide = any(t[k].dtype == torch.float64 for t in [pretrained, *finetuned] for k in keys)
+    dtype = torch.float64 if wide else torch.float32
+    base = torch.cat([pretrained[k].to(dtype).reshape(-1) for k in keys])
+    matrix = torch.stack(
+        [torch.cat([ft[k].to(dtype).reshape(-1) for k in keys]) - base for ft in finetuned]
+    )
+    return keys, dtype, base, matrix
+
+
+def _unflatten(
+    pretrained: Mapping[str, Tensor], keys: Sequence[str], flat: Tensor
+) -> dict[str, Tensor]:
+    out: dict[str, Tensor] = {}
+    offset = 0
+    chunks: dict[str, Tensor] = {}
+    for key in keys:
+        n = pretrained[key].numel()
+        chunks[key] = flat[offset : offset + n].reshape(pretrained[key].shape)
+        offset += n
+    for key, value in pretrained.items():
+        if key in chunks:
+            out[key] = chunks[key].to(value.dtype).clone()
+        else:
+            out[key] = value.clone()
+    return out
+
+
+def reference_task_arithmetic_flat(
+    pretrained: Mapping[str, Tensor], finetuned: Sequence[Mapping[str, Tensor]], scaling: float
+) -> dict[str, Tensor]:
+    """theta_0 + scaling * sum of the rows of the concatenated task-vector matrix."""
+    keys, _, base, matrix = _flat_setup(pretrained, finetuned)
+    return _unflatten(pretrained, keys, base + matrix.sum(dim=0) * scaling)
+
+
+def reference_ties_flat(
+    pretrained: Mapping[str, Tensor],
+    finetuned: Sequence[Mapping[str, Tensor]],
+    density: float,
+    scaling: float,
+    merge_rule: str = "mean",
+) -> dict[str, Tensor]:
+    """TIES with global trimming, written the obvious way on the whole flattened model.
+
+    k = density * n rounded half up (at least 1); a value is kept when its magnitude is >= the
+    k-th largest magnitude of its task vector; the elected sign is the sign of the summed
+    trimmed values, and the sign of the sum of elected signs where that sum is zero (+1 on a
+    tie); merged = mean (or sum) of the trimmed values with the elected sign.
+    """
+    keys, _, base, matrix = _flat_setup(pretrained, finetuned)
+    n = matrix.shape[1]
+    k = max(1, min(n, int(density * n + 0.5)))
+    magnitude = matrix.abs()
+    kth = magnitude.kthvalue(n - k + 1, dim=1, keepdim=True).values
+    trimmed = torch.where(magnitude >= kth, matrix, 0.0)
+    del magnitude
+    elected = torch.sign(trimmed.sum(dim=0))
+    majority = torch.sign(elected.sum())
+    elected[elected == 0] = majority if majority != 0 else 1.0
+    agree = torch.sign(trimmed) == elected
+    merged = torch.where(agree, trimmed, 0.0).sum(dim=0)
+    if merge_rule == "mean":
+        merged = merged / agree.sum(dim=0).clamp(min=1)
+    return _unflatten(pretrained, keys, base + merged * scaling)
+
+
+# ----------------------------------------------------------------------------- measurement
+
+
+def make_inputs(size: str) -> tuple[dict[str, Tensor], list[dict[str, Tensor]]]:
+    """Random ViT weights for theta_0 and three seeded perturbations as fine-tuned copies."""
+    import timm
+
+    torch.manual_seed(0)
+    model = timm.create_model(MODELS[size], pretrained=False)
+    pretrained = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    del model
+    finetuned = []
+    for task in range(N_TASKS):
+        generator = torch.Generator().manual_seed(1000 + task)
+        finetuned.append(
+            {
+                k: v + 0.01 * torch.randn(v.shape, generator=generator)
+                if v.is_floating_point()
+                else v.clone()
+                for k, v in pretrained.items()
+            }
+        )
+    return pretrained, finetuned
+
+
+def _status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{field} not found in /proc/self/status")
+
+
+def _release_free_heap() -> None:
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
+
+
+def _digest(state: Mapping[str, Tensor]) -> str:
+    digest = hashlib.sha256()
+    for key, value in state.items():
+        digest.update(key.encode())
+        digest.update(str(value.dtype).encode())
+        digest.update(value.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def run_variant(variant: str, size: str) -> dict[str, float | str]:
+    from lightning_simo.merging import merge
+
+    pretrained, finetuned = make_inputs(size)
+    _release_free_heap()
+    Path("/proc/self/clear_refs").write_text("5")  # reset the peak-RSS counter (VmHWM)
+    before = _status_kib("VmRSS")
+    start = time.perf_counter()
+    if variant == "engine-task_arithmetic":
+        out = merge(pretrained, finetuned, "task_arithmetic", scaling=SCALING)
+    elif variant == "flat-task_arithmetic":
+        out = reference_task_arithmetic_flat(pretrained, finetuned, SCALING)
+    elif variant == "engine-ties":
+        out = merge(pretrained, finetuned, "ties", density=DENSITY, scaling=SCALING)
+    elif variant == "flat-ties":
+        out = reference_ties_flat(pretrained, finetuned, DENSITY, SCALING)
+    else:
+        raise ValueError(f"unknown variant {variant!r}")
+    wall = time.perf_counter() - start
+    peak = _status_kib("VmHWM")
+    return {
+        "wall_s": wall,
+        "peak_mib": (peak - before) / 1024,
+        "digest": _digest(out),
+        "params": sum(v.numel() for v in pretrained.values()),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--size", choices=sorted(MODELS), default="base")
+    parser.add_argument("--repeat", type=int, default=1, help="runs per variant, best kept")
+    parser.add_argument("--worker", choices=VARIANTS, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        print(json.dumps(run_variant(args.worker, args.size)))
+        return
+
+    results: dict[str, dict[str, float | str]] = {}
+    for variant in VARIANTS:
+        runs = []
+        for _ in range(args.repeat):
+            proc = subprocess.run(
+                [sys.executable, __file__, "--size", args.size, "--worker", variant],
+                check=True,
+                capture_output=True,
+                text=True,
+            )
+            runs.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+        best = min(runs, key=lambda r: float(r["wall_s"]))
+        best["peak_mib"] = min(float(r["peak_mib"]) for r in runs)
+        results[variant] = best
+
+    params = int(results[VARIANTS[0]]["params"])
+    print(
+        f"{MODELS[args.size]}: {params / 1e6:.1f}M params x {N_TASKS} tasks, "
+        f"{torch.get_num_threads()} threads, best of {args.repeat}"
+    )
+    print(f"{'variant':24s} {'wall (s)':>9s} {'peak RSS delta (MiB)':>21s}")
+    for variant, result in results.items():
+        print(f"{variant:24s} {float(result['wall_s']):9.2f} {float(result['peak_mib']):21.0f}")
+    for method in ("task_arithmetic", "ties"):
+        engine, flat = results[f"engine-{method}"], results[f"flat-{method}"]
+        assert engine["digest"] == flat["digest"], f"{method}: engine and reference differ"
+        speedup = float(flat["wall_s"]) / float(engine["wall_s"])
+        memory = float(engine["peak_mib"]) / float(flat["peak_mib"])
+        print(
+            f"{method}: engine is {speedup:.2f}x faster, uses {memory:.2f}x the peak memory "
+            "of the flat implementation; results identical"
+        )
+
+
+if __name__ == "__main__":
+    main()

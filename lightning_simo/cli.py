@@ -1,0 +1,106 @@
+"""The one command line: ``lightning_simo fit|validate|test|predict --config ...``.
+
+A thin LightningCLI subclass. It links the datamodule's facts (task list, class counts) into the
+model, expands ``{tasks}`` and ``{root}`` in output paths so one YAML serves every task, and turns the suite's
+own input errors into one readable line and a non-zero exit.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+
+from jsonargparse import Namespace
+from lightning.pytorch.cli import LightningCLI
+
+from lightning_simo.callbacks.merge import MergeCallback
+from lightning_simo.checkpoints import CheckpointError
+
+__all__ = ["SIMOCLI", "USER_ERRORS", "main"]
+
+USER_ERRORS: tuple[type[BaseException], ...] = (
+    ValueError,
+    FileNotFoundError,
+    PermissionError,
+    CheckpointError,
+)
+"""Errors caused by the user's input: reported as one line (set LIGHTNING_SIMO_DEBUG=1 for a
+traceback)."""
+
+PLACEHOLDERS = ("{tasks}", "{root}")
+"""``{tasks}``: the datamodule's task list joined by ``+``; ``{root}``: ``trainer.default_root_dir``
+(so logger and checkpoint folders follow a ``--trainer.default_root_dir`` override)."""
+
+
+def _expand(value: Any, names: dict[str, str]) -> Any:
+    if isinstance(value, str):
+        for key, replacement in names.items():
+            value = value.replace(key, replacement)
+        return value
+    if isinstance(value, Namespace):
+        for key in list(vars(value)):
+            setattr(value, key, _expand(getattr(value, key), names))
+        return value
+    if isinstance(value, dict):
+        return {k: _expand(v, names) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_expand(v, names) for v in value]
+    return value
+
+
+def _is_active(callback: Any) -> bool:
+    """A ``merge:`` section without checkpoints means "no merging" (single-task, MTL configs)."""
+    if callback is None:
+        return False
+    return not isinstance(callback, MergeCallback) or bool(callback.checkpoints)
+
+
+class SIMOCLI(LightningCLI):
+    """LightningCLI with the datamodule -> model links every config relies on."""
+
+    def add_arguments_to_parser(self, parser: Any) -> None:
+        # `merge:` in a config (or --merge.* flags) adds the MergeCallback; absent, nothing merges
+        parser.add_lightning_class_args(MergeCallback, "merge", required=False)
+        parser.link_arguments("data.tasks", "model.init_args.tasks", apply_on="instantiate")
+        parser.link_arguments(
+            "data.num_classes", "model.init_args.num_classes", apply_on="instantiate"
+        )
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        tasks = config.get("data", {}).get("init_args", {}).get("tasks")
+        names = {"{tasks}": "+".join(tasks) if tasks else "all"}
+        root = config["trainer"].get("default_root_dir")
+        if isinstance(root, str):
+            names["{root}"] = _expand(root, names)
+        for section in ("trainer", "merge"):
+            if config.get(section) is not None:
+                config[section] = _expand(config[section], names)
+        model_args = config.get("model", {}).get("init_args")
+        if model_args is not None:
+            config["model"]["init_args"] = _expand(model_args, names)
+
+
+    def instantiate_trainer(self, **kwargs: Any) -> Any:
+        keys = self._parser(self.subcommand).callback_keys
+        extra = [cb for k in keys if _is_active(cb := self._get(self.config_init, k))]
+        trainer_config = {**self._get(self.config_init, "trainer", default={}), **kwargs}
+        return self._instantiate_trainer(trainer_config, extra)
+
+
+def main(args: list[str] | None = None) -> None:
+    """Entry point of the ``lightning_simo`` console script (and ``python -m lightning_simo``)."""
+    try:
+        SIMOCLI(
+            save_config_kwargs={"overwrite": True},
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            args=args,
+            auto_configure_optimizers=False,
+        )
+    except USER_ERRORS as err:
+        if os.environ.get("LIGHTNING_SIMO_DEBUG"):
+            raise
+        print(f"lightning_simo: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None

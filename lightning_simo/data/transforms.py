@@ -1,0 +1,298 @@
+"""Augmentation pipelines that move every dense target with the image and keep its physics right.
+
+Geometry (resize, pad, crop, flip) is done by albumentations, with every dense map registered as a
+``"mask"`` target so it gets the same crop window and flip as the image and nearest-neighbour
+resampling (class ids stay integers, unit normals stay unit, invalid zeros never blend into valid
+values). Two things geometry alone gets wrong are fixed inside the transforms that cause them:
+
+- zooming in by ``s`` looks like the camera moved ``s`` times closer, so depth is divided by ``s``
+  and disparity (inverse depth) multiplied by ``s`` (:class:`RandomRescale`);
+- a horizontal mirror turns a surface facing right into one facing left, so the normals' x
+  component changes sign (:class:`HorizontalFlipNormals`).
+
+Padding must produce *invalid* values: 0 for depth / normals / disparity / edges and -1 for
+labels. albumentations pads every mask with one fill value, so label maps travel through the
+pipeline as ``float32(label + 1)``: 0 is then "ignore" for every target and a single fill of 0 is
+right for all of them; :class:`DensePipeline` shifts labels back to ``int64`` with -1 = ignore.
+
+Samples are numpy dicts in HWC layout: ``"image"`` HxWx3 float32 in [0, 1], ``"segmentation"`` /
+``"part_segmentation"`` HxW int, ``"depth"`` / ``"disparity"`` / ``"edges"`` HxW float32,
+``"normals"`` HxWx3 float32. Any subset of the target keys may be present.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import albumentations as A
+import cv2
+import numpy as np
+import torch
+from albumentations.augmentations.geometric import functional as fgeometric
+from torch.utils.data import get_worker_info
+
+__all__ = [
+    "DENSE_KEYS",
+    "DensePipeline",
+    "HorizontalFlipNormals",
+    "LABEL_KEYS",
+    "RandomRescale",
+    "build_transform",
+    "to_tensor_sample",
+]
+
+LABEL_KEYS = ("segmentation", "part_segmentation")
+"""Integer class maps (-1 = ignore)."""
+DENSE_KEYS = (*LABEL_KEYS, "depth", "disparity", "normals", "edges")
+"""Every dense target the pipelines know; each is transformed as an albumentations mask."""
+
+_DEPTH_KEYS = ("depth",)
+_INVERSE_DEPTH_KEYS = ("disparity",)
+_NORMAL_KEYS = ("normals",)
+
+
+class RandomRescale(A.DualTransform):
+    """Resize by a factor drawn uniformly from a fixed set, correcting depth-like values.
+
+    The SIMO / MTAN recipe zooms by one of a few factors ({1, 1.2, 1.5} on NYUv2) rather than a
+    continuous range, which is why ``A.RandomScale`` does not fit. Images are resized bilinearly,
+    masks with nearest neighbour. After resampling, targets named in ``depth_keys`` are divided by
+    the factor and those in ``inverse_depth_keys`` multiplied by it (0 = invalid stays 0).
+
+    Args:
+        scales: the factors to choose from (each > 0).
+        depth_keys: sample keys holding metric depth.
+        inverse_depth_keys: sample keys holding disparity / inverse depth.
+        p: probability of applying the transform.
+    """
+
+    def __init__(
+        self,
+        scales: Sequence[float] = (1.0, 1.2, 1.5),
+        depth_keys: Sequence[str] = _DEPTH_KEYS,
+        inverse_depth_keys: Sequence[str] = _INVERSE_DEPTH_KEYS,
+        p: float = 1.0,
+    ) -> None:
+        super().__init__(p=p)
+        scales = tuple(float(s) for s in scales)
+        if not scales or min(scales) <= 0:
+            raise ValueError(
+                f"scales must be a non-empty sequence of positive factors, got {scales}."
+            )
+        self.scales = scales
+        self.depth_keys = tuple(depth_keys)
+        self.inverse_depth_keys = tuple(inverse_depth_keys)
+
+    def get_params_dependent_on_data(
+        self, params: dict[str, Any], data: dict[str, Any]
+    ) -> dict[str, Any]:
+        height, width = params["shape"][:2]
+        scale = self.scales[self.py_random.randrange(len(self.scales))]
+        size = (max(1, round(height * scale)), max(1, round(width * scale)))
+        return {"scale": scale, "size": size}
+
+    def apply(self, img: np.ndarray, size: tuple[int, int], **params: Any) -> np.ndarray:
+        return fgeometric.resize(img, size, cv2.INTER_LINEAR)
+
+    def apply_to_mask(self, mask: np.ndarray, size: tuple[int, int], **params: Any) -> np.ndarray:
+        return fgeometric.resize(mask, size, cv2.INTER_NEAREST)
+
+    def apply_with_params(
+        self, params: dict[str, Any], *args: Any, **kwargs: Any
+    ) -> dict[str, Any]:
+        # apply_to_mask cannot tell depth from labels; the value correction needs the key.
+        out = super().apply_with_params(params, *args, **kwargs)
+        scale = params["scale"]
+        for key in self.depth_keys:
+            if out.get(key) is not None:
+                out[key] = out[key] / np.float32(scale)
+        for key in self.inverse_depth_keys:
+            if out.get(key) is not None:
+                out[key] = out[key] * np.float32(scale)
+        return out
+
+    def get_transform_init_args_names(self) -> tuple[str, ...]:
+        return ("scales", "depth_keys", "inverse_depth_keys")
+
+
+class HorizontalFlipNormals(A.HorizontalFlip):
+    """``A.HorizontalFlip`` that also negates the x component of camera-frame normals.
+
+    Mirroring the image mirrors the scene about the camera's y-z plane, which flips the sign of
+    every normal's x component; the maps themselves are mirrored by the parent class. All-zero
+    (invalid) normals stay exactly ``+0`` so validity masks are unchanged.
+
+    Args:
+        normal_keys: sample keys holding ``H x W x 3`` normals.
+        p: probability of flipping.
+    """
+
+    def __init__(self, normal_keys: Sequence[str] = _NORMAL_KEYS, p: float = 0.5) -> None:
+        super().__init__(p=p)
+        self.normal_keys = tuple(normal_keys)
+
+    def apply_with_params(
+        self, params: dict[str, Any], *args: Any, **kwargs: Any
+    ) -> dict[str, Any]:
+        out = super().apply_with_params(params, *args, **kwargs)
+        for key in self.normal_keys:
+            if out.get(key) is not None:
+                normals = out[key].copy()
+                # adding +0.0 turns the -0.0 of negated invalid pixels back into +0.0
+                normals[..., 0] = -normals[..., 0] + 0.0
+                out[key] = normals
+        return out
+
+    def get_transform_init_args_names(self) -> tuple[str, ...]:
+        return ("normal_keys",)
+
+
+class DensePipeline:
+    """Callable ``sample -> sample`` that runs an albumentations pipeline on a dense sample.
+
+    Builds one ``A.Compose`` per output size (the crop size, or each input size when
+    ``crop=None``), encodes label maps for padding (see the module docstring) and decodes them
+    afterwards. Inside a ``DataLoader`` worker the random state is re-seeded from the worker's
+    torch seed: albumentations generators are otherwise copied into every forked worker, so all
+    workers (and, without persistent workers, all epochs) would draw the same augmentations.
+
+    Args:
+        train: random rescale, random crop and flip when ``True``; a deterministic centre
+            crop / pad (or nothing) when ``False``.
+        crop: output ``(height, width)``; ``None`` keeps each sample's size.
+        scales: zoom factors for :class:`RandomRescale` (training only).
+        hflip: flip horizontally with p = 0.5 (training only).
+        seed: seed of the augmentation stream (``None``: fresh entropy).
+    """
+
+    def __init__(
+        self,
+        train: bool,
+        crop: tuple[int, int] | None = None,
+        scales: Sequence[float] = (1.0,),
+        hflip: bool = True,
+        seed: int | None = None,
+    ) -> None:
+        if crop is not None and (len(crop) != 2 or min(crop) < 1):
+            raise ValueError(f"crop must be (height, width) with positive sizes, got {crop}.")
+        self.train = train
+        self.crop = None if crop is None else (int(crop[0]), int(crop[1]))
+        self.scales = tuple(float(s) for s in scales)
+        if not self.scales or min(self.scales) <= 0:
+            raise ValueError(f"scales must be positive factors, got {scales}.")
+        self.hflip = hflip
+        self._rng = np.random.default_rng(seed)
+        self._pipelines: dict[tuple[int, int], A.Compose] = {}
+        self._worker_seed: int | None = None
+
+    # ------------------------------------------------------------------ building
+    def _compose(self, size: tuple[int, int]) -> A.Compose:
+        height, width = size
+        pad = A.PadIfNeeded(
+            min_height=height,
+            min_width=width,
+            position="center",
+            border_mode=cv2.BORDER_CONSTANT,
+            fill=0,
+            fill_mask=0,
+        )
+        steps: list[A.BasicTransform] = []
+        if self.train:
+            if self.scales != (1.0,):
+                steps.append(RandomRescale(self.scales))
+            steps += [pad, A.RandomCrop(height=height, width=width)]
+            if self.hflip:
+                steps.append(HorizontalFlipNormals(p=0.5))
+        else:
+            steps += [pad, A.CenterCrop(height=height, width=width)]
+        compose = A.Compose(steps, additional_targets={k: "mask" for k in DENSE_KEYS})
+        self._reseed(compose)
+        return compose
+
+    def _reseed(self, compose: A.Compose) -> None:
+        # one shared generator for all steps: per-step generators seeded alike would correlate
+        # e.g. the crop position with the flip decision.
+        seed = int(self._rng.integers(2**63))
+        compose.set_random_state(np.random.default_rng(seed), random.Random(seed))
+
+    def _sync_worker(self) -> None:
+        info = get_worker_info()
+        if info is None or info.seed == self._worker_seed:
+            return
+        self._worker_seed = info.seed
+        self._rng = np.random.default_rng(info.seed)
+        for compose in self._pipelines.values():
+            self._reseed(compose)
+
+    def _pipeline(self, size: tuple[int, int]) -> A.Compose:
+        self._sync_worker()
+        if size not in self._pipelines:
+            self._pipelines[size] = self._compose(size)
+        return self._pipelines[size]
+
+    # ------------------------------------------------------------------ running
+    def __call__(self, sample: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if not self.train and self.crop is None:
+            return dict(sample)
+        image = sample["image"]
+        size = self.crop or (int(image.shape[0]), int(image.shape[1]))
+        data: dict[str, np.ndarray] = {"image": np.ascontiguousarray(image, dtype=np.float32)}
+        passthrough: dict[str, np.ndarray] = {}
+        for key, value in sample.items():
+            if key == "image":
+                continue
+            if key in LABEL_KEYS:
+                data[key] = np.asarray(value).astype(np.float32) + 1.0
+            elif key in DENSE_KEYS:
+                data[key] = np.ascontiguousarray(value, dtype=np.float32)
+            else:
+                passthrough[key] = value
+        out = self._pipeline(size)(**data)
+        result: dict[str, np.ndarray] = {"image": out["image"]}
+        for key in data:
+            if key == "image":
+                continue
+            if key in LABEL_KEYS:
+                result[key] = np.rint(out[key]).astype(np.int64) - 1
+            else:
+                result[key] = out[key]
+        result.update(passthrough)
+        return result
+
+
+def build_transform(
+    train: bool,
+    crop: tuple[int, int] | None = None,
+    scales: Sequence[float] = (1.0,),
+    hflip: bool = True,
+    seed: int | None = None,
+) -> Callable[[Mapping[str, np.ndarray]], dict[str, np.ndarray]]:
+    """The augmentation for a split: random rescale + crop + flip for training, else centre crop.
+
+    ``train=False`` with ``crop=None`` returns the sample unchanged (a shallow copy).
+    """
+    return DensePipeline(train=train, crop=crop, scales=scales, hflip=hflip, seed=seed)
+
+
+def to_tensor_sample(sample: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """Numpy HWC sample -> tensors in the conventions of :mod:`lightning_simo.tasks`.
+
+    ``image`` / ``normals`` (HxWxC) become CxHxW float32; ``depth`` / ``disparity`` / ``edges``
+    (HxW) become 1xHxW float32; label maps become int64 HxW (-1 kept); anything else (e.g.
+    ``"index"``) becomes a tensor as is.
+    """
+    out: dict[str, torch.Tensor] = {}
+    for key, value in sample.items():
+        if key in ("image", "normals"):
+            arr = np.asarray(value, dtype=np.float32)
+            out[key] = torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
+        elif key in ("depth", "disparity", "edges"):
+            arr = np.asarray(value, dtype=np.float32)
+            out[key] = torch.from_numpy(np.ascontiguousarray(arr))[None]
+        elif key in LABEL_KEYS:
+            out[key] = torch.from_numpy(np.ascontiguousarray(np.asarray(value), dtype=np.int64))
+        else:
+            out[key] = torch.as_tensor(value)
+    return out

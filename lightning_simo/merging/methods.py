@@ -1,0 +1,544 @@
+"""Merge methods: pure functions from (theta_0, [theta_t]) to one merged state dict.
+
+``merge(pretrained, finetuned, method, **options)`` validates the options, checks that all state
+dicts describe the same architecture, and runs a registered method. Methods work tensor by
+tensor: no step ever builds an ``(n_tasks x n_params)`` matrix or concatenates a whole model, so
+merging three ViT-B encoders needs little more than the inputs and the output in memory. Global
+TIES trimming, which ranks magnitudes over the whole model, finds each task vector's exact
+threshold with a radix select over the float bit patterns (two counting passes for float32).
+
+Numerics: everything is computed in float32 (float64 if an input tensor is float64), so bf16 and
+fp16 checkpoints merge without accumulating rounding errors; each result is cast back to the
+pretrained tensor's dtype. Integer tensors (e.g. ``num_batches_tracked``) are copied from
+``pretrained``. The result never shares memory with the inputs.
+
+New methods plug in with :func:`register_merge_method`; see :class:`MergeInputs` for the per-key
+accessors a method receives.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import numbers
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lightning_simo.merging.task_vectors import check_compatible, is_bn_running_stat
+
+__all__ = [
+    "BN_STATS_POLICIES",
+    "MERGE_METHODS",
+    "MergeFn",
+    "MergeInputs",
+    "MergeMethod",
+    "Option",
+    "keep_count",
+    "merge",
+    "register_merge_method",
+]
+
+BN_STATS_POLICIES = ("merge", "pretrained", "reestimate")
+_COMMON_OPTIONS = ("bn_stats", "keys")
+_DIGIT_BITS = 16
+_DIGITS = 1 << _DIGIT_BITS
+
+
+@dataclass(frozen=True)
+class MergeInputs:
+    """What a merge method sees: the inputs, the keys to merge, and the compute dtype.
+
+    ``keys`` are the floating-point keys selected for merging (in ``pretrained`` order); every
+    other key is copied from ``pretrained`` by :func:`merge`. Accessors convert to ``dtype`` on
+    the fly, one key at a time, so methods never hold more than one tensor per task.
+    """
+
+    pretrained: Mapping[str, Tensor]
+    finetuned: Sequence[Mapping[str, Tensor]]
+    keys: tuple[str, ...]
+    dtype: torch.dtype
+
+    @property
+    def n_tasks(self) -> int:
+        return len(self.finetuned)
+
+    @property
+    def numel(self) -> int:
+        """Number of merged coordinates (per task)."""
+        return sum(self.pretrained[k].numel() for k in self.keys)
+
+    def theta0(self, key: str) -> Tensor:
+        return self.pretrained[key].to(self.dtype)
+
+    def thetas(self, key: str) -> list[Tensor]:
+        return [ft[key].to(self.dtype) for ft in self.finetuned]
+
+    def task_vectors(self, key: str) -> list[Tensor]:
+        """``theta_t - theta_0`` for every task at ``key`` (fresh tensors, safe to modify)."""
+        base = self.theta0(key)
+        return [ft[key].to(self.dtype) - base for ft in self.finetuned]
+
+    def finish(self, key: str, value: Tensor) -> Tensor:
+        """Cast a merged value back to the pretrained tensor's dtype and device."""
+        ref = self.pretrained[key]
+        return value.to(device=ref.device, dtype=ref.dtype)
+
+
+MergeFn = Callable[[MergeInputs, Mapping[str, Any]], dict[str, Tensor]]
+
+
+class _Invalid(ValueError):
+    """Raised by option checks with the expected range; :func:`_validate` adds the context."""
+
+
+@dataclass(frozen=True)
+class Option:
+    """One option of a merge method: its default and a check returning the normalised value."""
+
+    default: Any
+    check: Callable[[Any], Any]
+
+
+@dataclass(frozen=True)
+class MergeMethod:
+    """A registered merge method: the function and how its options are validated."""
+
+    name: str
+    fn: MergeFn
+    options: Mapping[str, Option] = field(default_factory=dict)
+    validate: Callable[[Mapping[str, Any]], dict[str, Any]] | None = None
+
+    def normalise(self, options: Mapping[str, Any]) -> dict[str, Any]:
+        """Validated options with defaults filled in (raises ``ValueError``)."""
+        if self.validate is not None:
+            return self.validate(options)
+        return _validate(self.name, self.options, options)
+
+
+MERGE_METHODS: dict[str, MergeMethod] = {}
+
+
+def register_merge_method(
+    name: str,
+    fn: MergeFn | None = None,
+    *,
+    options: Mapping[str, Option] | None = None,
+    validate: Callable[[Mapping[str, Any]], dict[str, Any]] | None = None,
+    replace: bool = False,
+) -> Any:
+    """Register ``fn`` under ``name`` (usable as a decorator when ``fn`` is omitted).
+
+    ``fn(inputs, options)`` returns ``{key: merged tensor}`` for every key in ``inputs.keys``
+    (use ``inputs.finish`` to cast). ``options`` declares the accepted options; ``validate``
+    replaces the declarative check entirely when options depend on each other.
+    """
+
+    def add(function: MergeFn) -> MergeFn:
+        if name in MERGE_METHODS and not replace:
+            raise ValueError(f"merge method {name!r} is already registered (pass replace=True)")
+        MERGE_METHODS[name] = MergeMethod(name, function, dict(options or {}), validate)
+        return function
+
+    return add if fn is None else add(fn)
+
+
+# ----------------------------------------------------------------------------- option checks
+
+
+def _real(value: Any, expected: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise _Invalid(expected)
+    return float(value)
+
+
+def _non_negative(value: Any) -> float:
+    expected = "a finite number >= 0"
+    number = _real(value, expected)
+    if not (math.isfinite(number) and number >= 0):
+        raise _Invalid(expected)
+    return number
+
+
+def _density(value: Any) -> float:
+    expected = "a number in (0, 1]"
+    number = _real(value, expected)
+    if not 0 < number <= 1:
+        raise _Invalid(expected)
+    return number
+
+
+def _drop_rate(value: Any) -> float:
+    expected = "a number in [0, 1)"
+    number = _real(value, expected)
+    if not 0 <= number < 1:
+        raise _Invalid(expected)
+    return number
+
+
+def _integer(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise _Invalid("an integer")
+    return int(value)
+
+
+def _choice(*choices: str) -> Callable[[Any], str]:
+    def check(value: Any) -> str:
+        if value not in choices:
+            raise _Invalid("one of " + ", ".join(repr(c) for c in choices))
+        return value
+
+    return check
+
+
+def _validate(
+    method: str, spec: Mapping[str, Option], options: Mapping[str, Any], context: str = ""
+) -> dict[str, Any]:
+    """Check ``options`` against ``spec``; messages name the option and its valid range."""
+    for name in options:
+        if name not in spec:
+            valid = ", ".join(sorted([*spec, *_COMMON_OPTIONS]))
+            raise ValueError(
+                f"unknown option {name!r} for merge method {method!r}{context}; "
+                f"valid options: {valid}"
+            )
+    result: dict[str, Any] = {}
+    for name, option in spec.items():
+        value = options.get(name, option.default)
+        try:
+            result[name] = option.check(value)
+        except _Invalid as err:
+            raise ValueError(
+                f"option {name!r} of merge method {method!r}{context} must be {err}, got {value!r}"
+            ) from None
+    return result
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def keep_count(density: float, n: int) -> int:
+    """How many of ``n`` coordinates TIES keeps: ``density * n`` rounded half up, at least 1."""
+    return max(1, min(n, int(density * n + 0.5)))
+
+
+def _accumulate(values: Iterable[Tensor]) -> Tensor:
+    """Sum in task order; a fixed order makes results reproducible bit for bit."""
+    iterator = iter(values)
+    total = next(iterator).clone()
+    for value in iterator:
+        total += value
+    return total
+
+
+def _int_view(dtype: torch.dtype) -> tuple[torch.dtype, int]:
+    if dtype == torch.float64:
+        return torch.int64, 64
+    if dtype == torch.float32:
+        return torch.int32, 32
+    raise ValueError(f"radix select supports float32/float64, got {dtype}")
+
+
+def _kth_largest_magnitudes(inputs: MergeInputs, k: int) -> list[Tensor]:
+    """The k-th largest ``|tau_t|`` over all merged keys, for every task, without concatenation.
+
+    Non-negative IEEE floats sort like their bit patterns read as integers, so the k-th largest
+    magnitude is found one 16-bit digit at a time (most significant first): one pass builds a
+    histogram of the current digit among values that share the already-fixed higher digits, and
+    the cumulative counts from the top tell which digit the k-th value has. Two passes for
+    float32, four for float64; memory is one histogram per task. The result is exact, ties
+    included, and equals ``kthvalue`` over the concatenated magnitudes.
+    """
+    int_dtype, bits = _int_view(inputs.dtype)
+    prefixes = [0] * inputs.n_tasks
+    remaining = [k] * inputs.n_tasks
+    for shift in range(bits - _DIGIT_BITS, -1, -_DIGIT_BITS):
+        hist: Tensor | None = None
+        for key in inputs.keys:
+            for task, tau in enumerate(inputs.task_vectors(key)):
+                pattern = tau.abs_().view(int_dtype).reshape(-1)
+                if shift + _DIGIT_BITS < bits:
+                    pattern = pattern[(pattern >> (shift + _DIGIT_BITS)) == prefixes[task]]
+                digits = (pattern >> shift) & (_DIGITS - 1)
+                counts = torch.bincount(digits, minlength=_DIGITS)
+                if hist is None:
+                    hist = torch.zeros(
+                        inputs.n_tasks, _DIGITS, dtype=torch.int64, device=counts.device
+                    )
+                hist[task] += counts
+        assert hist is not None
+        # from_top[j] = how many values have a digit >= (_DIGITS - 1 - j)
+        from_top = hist.flip(1).cumsum(1).cpu()
+        for task in range(inputs.n_tasks):
+            j = int(torch.searchsorted(from_top[task], remaining[task]))
+            above = int(from_top[task, j - 1]) if j > 0 else 0
+            remaining[task] -= above
+            prefixes[task] = (prefixes[task] << _DIGIT_BITS) | (_DIGITS - 1 - j)
+    return [torch.tensor(p, dtype=int_dtype).view(inputs.dtype) for p in prefixes]
+
+
+def _select_keys(
+    pretrained: Mapping[str, Tensor], keys: Iterable[str] | None, bn_stats: str
+) -> tuple[str, ...]:
+    if keys is None:
+        wanted = None
+    else:
+        if isinstance(keys, str):
+            raise ValueError("option 'keys' must be an iterable of key names, not one string")
+        wanted = set(keys)
+        unknown = next((k for k in wanted if k not in pretrained), None)
+        if unknown is not None:
+            raise ValueError(
+                f"option 'keys' names {unknown!r}, which is not in the pretrained state dict"
+            )
+    return tuple(
+        key
+        for key, value in pretrained.items()
+        if value.is_floating_point()
+        and (wanted is None or key in wanted)
+        and not (bn_stats != "merge" and is_bn_running_stat(key))
+    )
+
+
+def _compute_dtype(
+    pretrained: Mapping[str, Tensor], finetuned: Sequence[Mapping[str, Tensor]], keys: Sequence[str]
+) -> torch.dtype:
+    for key in keys:
+        if pretrained[key].dtype == torch.float64 or any(
+            ft[key].dtype == torch.float64 for ft in finetuned
+        ):
+            return torch.float64
+    return torch.float32
+
+
+# ----------------------------------------------------------------------------- the entry point
+
+
+def merge(
+    pretrained: Mapping[str, Tensor],
+    finetuned: Sequence[Mapping[str, Tensor]],
+    method: str,
+    **options: Any,
+) -> dict[str, Tensor]:
+    """Merge fine-tuned state dicts that share the ``pretrained`` starting point.
+
+    Args:
+        pretrained: theta_0, e.g. ``encoder_state_dict`` of the foundation checkpoint.
+        finetuned: theta_t per task, same keys and shapes as ``pretrained``.
+        method: a key of :data:`MERGE_METHODS` (``average``, ``task_arithmetic``, ``ties``,
+            ``dare`` built in).
+        options: the method's options (see each method), plus two common ones:
+            ``bn_stats``: ``"merge"`` (default) merges BatchNorm running statistics like
+            weights; ``"pretrained"`` keeps theta_0's; ``"reestimate"`` also keeps theta_0's
+            here, because re-estimating needs data: a Lightning callback does it afterwards.
+            ``keys``: merge only these keys; all others are copied from ``pretrained``.
+
+    Returns:
+        A new state dict with ``pretrained``'s keys, order and per-tensor dtypes.
+    """
+    if method not in MERGE_METHODS:
+        known = ", ".join(sorted(MERGE_METHODS))
+        raise ValueError(f"unknown merge method {method!r}; known methods: {known}")
+    spec = MERGE_METHODS[method]
+    options = dict(options)
+    bn_stats = options.pop("bn_stats", "merge")
+    if bn_stats not in BN_STATS_POLICIES:
+        raise ValueError(
+            f"option 'bn_stats' must be one of {', '.join(map(repr, BN_STATS_POLICIES))}, "
+            f"got {bn_stats!r}"
+        )
+    keys = options.pop("keys", None)
+    method_options = spec.normalise(options)
+    finetuned = list(finetuned)
+    if not finetuned:
+        raise ValueError("merge needs at least one fine-tuned state dict")
+    names = [f"finetuned {i}" for i in range(len(finetuned))]
+    check_compatible(pretrained, finetuned, names=names, reference_name="pretrained")
+
+    merge_keys = _select_keys(pretrained, keys, bn_stats)
+    merged: dict[str, Tensor] = {}
+    if merge_keys:
+        dtype = _compute_dtype(pretrained, finetuned, merge_keys)
+        inputs = MergeInputs(pretrained, finetuned, merge_keys, dtype)
+        merged = spec.fn(inputs, method_options)
+        missing = next((k for k in merge_keys if k not in merged), None)
+        if missing is not None:
+            raise RuntimeError(f"merge method {method!r} returned no value for key {missing!r}")
+    result: dict[str, Tensor] = {}
+    for key, value in pretrained.items():
+        if key in merged:
+            result[key] = merged[key].to(device=value.device, dtype=value.dtype)
+        else:
+            result[key] = value.detach().clone()
+    return result
+
+
+# ----------------------------------------------------------------------------- methods
+
+
+def _average(inputs: MergeInputs, options: Mapping[str, Any]) -> dict[str, Tensor]:
+    """Uniform mean of the fine-tuned weights (model soup)."""
+    out: dict[str, Tensor] = {}
+    for key in inputs.keys:
+        total = _accumulate(inputs.thetas(key))
+        out[key] = inputs.finish(key, total.div_(inputs.n_tasks))
+    return out
+
+
+def _task_arithmetic(inputs: MergeInputs, options: Mapping[str, Any]) -> dict[str, Tensor]:
+    """theta_0 + scaling * sum_t tau_t (Ilharco et al., 2023)."""
+    scaling = options["scaling"]
+    out: dict[str, Tensor] = {}
+    for key in inputs.keys:
+        total = _accumulate(inputs.task_vectors(key))
+        out[key] = inputs.finish(key, inputs.theta0(key) + total.mul_(scaling))
+    return out
+
+
+def _disjoint(trimmed: Sequence[Tensor], elected: Tensor, rule: str) -> Tensor:
+    """Mean (or sum) of the trimmed values whose sign equals ``elected``; 0 where none agree."""
+    agree = [value * elected > 0 for value in trimmed]
+    total = _accumulate(torch.where(a, v, 0.0) for a, v in zip(agree, trimmed))
+    if rule == "sum":
+        return total
+    count = _accumulate(a.to(total.dtype) for a in agree)
+    return total.div_(count.clamp_(min=1))
+
+
+def _ties(inputs: MergeInputs, options: Mapping[str, Any]) -> dict[str, Tensor]:
+    """TIES merging (Yadav et al., 2023): trim, elect sign, disjoint merge.
+
+    * trim: keep each task vector's ``keep_count(density, n)`` largest magnitudes; precisely,
+      keep ``|tau| >= v_k`` where ``v_k`` is the k-th largest magnitude, so values tied with
+      ``v_k`` are all kept. ``trim_scope="global"`` ranks over all merged tensors together (as
+      the paper's code), ``"tensor"`` ranks within each tensor.
+    * elect: the sign of ``sum_t trimmed_t`` per coordinate. Where that sum is exactly zero, the
+      overall majority sign is used: the sign of the sum of the elected signs over all merged
+      coordinates (more positive than negative coordinates -> +1; a tie -> +1). Coordinates
+      whose trimmed values are all zero merge to 0 either way.
+    * disjoint merge: mean (``merge_rule="mean"``) or sum (``"sum"``) of the trimmed values
+      that carry the elected sign. Result: ``theta_0 + scaling * merged``.
+
+    The majority sign is only known after every coordinate was elected, so coordinates with a
+    zero sum but non-zero trimmed values (exact cancellations, rare) are remembered and patched
+    at the end; this saves a full pass over the model.
+    """
+    density, scaling = options["density"], options["scaling"]
+    rule, scope = options["merge_rule"], options["trim_scope"]
+    thresholds: list[Tensor] | None = None
+    if scope == "global":
+        thresholds = _kth_largest_magnitudes(inputs, keep_count(density, inputs.numel))
+    out: dict[str, Tensor] = {}
+    positive = negative = 0
+    pending: list[tuple[str, Tensor, list[Tensor]]] = []
+    for key in inputs.keys:
+        taus = inputs.task_vectors(key)
+        if thresholds is None:
+            k = keep_count(density, taus[0].numel())
+            limits = [t.abs().reshape(-1).kthvalue(t.numel() - k + 1).values for t in taus]
+        else:
+            limits = [limit.to(taus[0].device) for limit in thresholds]
+        trimmed = [t.masked_fill_(t.abs() < limit, 0.0) for t, limit in zip(taus, limits)]
+        total = _accumulate(trimmed)
+        elected = torch.sign(total)
+        positive += int((elected > 0).sum())
+        negative += int((elected < 0).sum())
+        tied = total == 0
+        if bool(tied.any()):
+            support = trimmed[0] != 0
+            for value in trimmed[1:]:
+                support |= value != 0
+            where = (tied & support).reshape(-1).nonzero().squeeze(1)
+            if where.numel():
+                pending.append((key, where, [t.reshape(-1)[where] for t in trimmed]))
+        merged = _disjoint(trimmed, elected, rule)
+        out[key] = inputs.finish(key, inputs.theta0(key) + merged.mul_(scaling))
+    majority = 1.0 if positive >= negative else -1.0
+    for key, where, values in pending:
+        out[key] = out[key].contiguous()
+        elected = torch.full_like(values[0], majority)
+        merged = _disjoint(values, elected, rule)
+        base = inputs.theta0(key).reshape(-1)[where]
+        out[key].view(-1)[where] = inputs.finish(key, base + merged.mul_(scaling))
+    return out
+
+
+def _stable_seed(seed: int, task: int, key: str) -> int:
+    """A 63-bit seed from (seed, task, key) that is the same in every process and Python run
+    (Python's ``hash`` of a string is salted per process)."""
+    digest = hashlib.blake2b(f"{seed}\x00{task}\x00{key}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+@dataclass(frozen=True)
+class _DroppedInputs(MergeInputs):
+    """Task vectors with DARE's random drop and rescale applied, regenerated identically on
+    every access so multi-pass methods (global TIES) see the same dropped vectors each time."""
+
+    drop_rate: float = 0.0
+    seed: int = 0
+
+    def task_vectors(self, key: str) -> list[Tensor]:
+        taus = super().task_vectors(key)
+        if self.drop_rate == 0:
+            return taus
+        dropped = []
+        for task, tau in enumerate(taus):
+            generator = torch.Generator().manual_seed(_stable_seed(self.seed, task, key))
+            # Drawn on the CPU so the mask does not depend on the device the tensors live on.
+            keep = torch.rand(tau.shape, generator=generator) >= self.drop_rate
+            keep = keep.to(tau.device)
+            dropped.append(torch.where(keep, tau / (1.0 - self.drop_rate), 0.0))
+        return dropped
+
+
+_TA_OPTIONS = {"scaling": Option(1.0, _non_negative)}
+_TIES_OPTIONS = {
+    "density": Option(0.2, _density),
+    "scaling": Option(1.0, _non_negative),
+    "trim_scope": Option("global", _choice("global", "tensor")),
+    "merge_rule": Option("mean", _choice("mean", "sum")),
+}
+_DARE_OPTIONS = {
+    "drop_rate": Option(0.9, _drop_rate),
+    "seed": Option(0, _integer),
+    "base": Option("task_arithmetic", _choice("task_arithmetic", "ties")),
+}
+
+
+def _validate_dare(options: Mapping[str, Any]) -> dict[str, Any]:
+    base = options.get("base", _DARE_OPTIONS["base"].default)
+    base_options = MERGE_METHODS[base].options if base in ("task_arithmetic", "ties") else {}
+    context = f" with base {base!r}" if base_options else ""
+    return _validate("dare", {**_DARE_OPTIONS, **base_options}, options, context)
+
+
+def _dare(inputs: MergeInputs, options: Mapping[str, Any]) -> dict[str, Tensor]:
+    """DARE (Yu et al., 2023): drop each task-vector entry with probability ``drop_rate``,
+    rescale the survivors by ``1 / (1 - drop_rate)`` (so the expected task vector is unchanged),
+    then merge with ``base`` (task arithmetic or TIES, with its own options).
+
+    The mask of task ``t`` at ``key`` comes from a ``torch.Generator`` seeded with a stable hash
+    of ``(seed, t, key)``: results are reproducible across runs, processes and devices, and do
+    not depend on the order in which keys are visited.
+    """
+    base = options["base"]
+    dropped = _DroppedInputs(
+        inputs.pretrained,
+        inputs.finetuned,
+        inputs.keys,
+        inputs.dtype,
+        drop_rate=options["drop_rate"],
+        seed=options["seed"],
+    )
+    base_options = {k: v for k, v in options.items() if k not in _DARE_OPTIONS}
+    return MERGE_METHODS[base].fn(dropped, base_options)
+
+
+register_merge_method("average", _average)
+register_merge_method("task_arithmetic", _task_arithmetic, options=_TA_OPTIONS)
+register_merge_method("ties", _ties, options=_TIES_OPTIONS)
+register_merge_method("dare", _dare, options=_DARE_OPTIONS, validate=_validate_dare)

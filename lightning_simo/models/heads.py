@@ -1,0 +1,232 @@
+"""Dense task heads reading the encoder's multi-level features.
+
+Two shapes, as in the SIMO paper: the ~0.1M-parameter *linear* head (NYUv2) and a small *DPT*
+head (Cityscapes, Taskonomy). Both end in a plain 1x1 conv (``head.out``), the layer that Model
+Tinting trains per task, and both produce maps that the caller resizes to the label size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lightning_simo.models.encoders import EncoderOutput
+
+__all__ = ["DPTHead", "HEAD_KINDS", "HeadConfig", "LinearHead", "build_head"]
+
+HEAD_KINDS = ("linear", "dpt")
+
+
+@dataclass
+class HeadConfig:
+    """How to build each task's head.
+
+    Args:
+        kind: ``linear`` (BN + 1x1 conv over concatenated levels) or ``dpt``.
+        upsample: pixel-shuffle factor of the linear head's output (1 = the paper's head; the
+            synthetic default uses 4, since a 1x1 conv on an 8x10 map is too coarse for 64x80
+            labels).
+        min_depth: depth-like outputs are ``ReLU(x) + min_depth`` (strictly positive).
+        dpt_channels: reassemble widths of the four DPT levels.
+        dpt_features: DPT fusion width.
+    """
+
+    kind: str = "linear"
+    upsample: int = 1
+    min_depth: float = 1e-3
+    dpt_channels: list[int] = field(default_factory=lambda: [24, 48, 96, 192])
+    dpt_features: int = 128
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def coerce(cls, value: HeadConfig | dict[str, Any] | None) -> HeadConfig:
+        if value is None:
+            return cls()
+        if isinstance(value, cls):
+            return value
+        if isinstance(value, dict):
+            return cls(**value)
+        raise TypeError(f"Expected a HeadConfig or a dict, got {type(value).__name__}.")
+
+
+class _OutputActivation(nn.Module):
+    """ReLU + min_depth for depth-like tasks; identity otherwise."""
+
+    def __init__(self, positive: bool, min_depth: float) -> None:
+        super().__init__()
+        self.positive = positive
+        self.min_depth = min_depth
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.relu(x) + self.min_depth if self.positive else x
+
+
+class LinearHead(nn.Module):
+    """Per level: patch map concatenated with its class token; levels concatenated; BN; 1x1 conv."""
+
+    def __init__(
+        self,
+        in_channels: list[int],
+        out_channels: int,
+        class_token: bool,
+        positive: bool = False,
+        upsample: int = 1,
+        min_depth: float = 1e-3,
+    ) -> None:
+        super().__init__()
+        if upsample < 1:
+            raise ValueError(f"upsample must be >= 1, got {upsample}.")
+        self.class_token = class_token
+        self.upsample = upsample
+        width = sum(in_channels) * (2 if class_token else 1)
+        self.norm = nn.BatchNorm2d(width)
+        self.out = nn.Conv2d(width, out_channels * upsample * upsample, kernel_size=1)
+        self.shuffle = nn.PixelShuffle(upsample) if upsample > 1 else nn.Identity()
+        self.activation = _OutputActivation(positive, min_depth)
+
+    def forward(self, feats: EncoderOutput) -> Tensor:
+        size = feats.features[0].shape[-2:]
+        levels = []
+        for i, f in enumerate(feats.features):
+            if f.shape[-2:] != size:
+                f = F.interpolate(f, size=size, mode="bilinear", align_corners=False)
+            levels.append(f)
+            if self.class_token:
+                if feats.class_tokens is None:
+                    raise ValueError("This head reads class tokens but the encoder gives none.")
+                token = feats.class_tokens[i]
+                levels.append(token[:, :, None, None].expand(-1, -1, *size))
+        x = self.out(self.norm(torch.cat(levels, dim=1)))
+        return self.activation(self.shuffle(x))
+
+
+class _ResidualConvUnit(nn.Module):
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1)
+        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.conv2(F.relu(self.conv1(F.relu(x))))
+
+
+class _FusionBlock(nn.Module):
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.skip_unit = _ResidualConvUnit(channels)
+        self.unit = _ResidualConvUnit(channels)
+        self.project = nn.Conv2d(channels, channels, 1)
+
+    def forward(
+        self, x: Tensor, skip: Tensor | None = None, size: tuple[int, int] | None = None
+    ) -> Tensor:
+        """Fuse ``skip`` (same size as ``x``) and upsample to ``size`` (default: twice)."""
+        if skip is not None:
+            x = x + self.skip_unit(skip)
+        x = self.unit(x)
+        if size is None:
+            size = (x.shape[-2] * 2, x.shape[-1] * 2)
+        x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+        return self.project(x)
+
+
+class DPTHead(nn.Module):
+    """A small DPT decoder: reassemble four levels to 1/4..1/32-like scales, fuse coarse to fine.
+
+    The class token is *added* to every patch token (SIMO paper, Cityscapes / Taskonomy).
+    """
+
+    def __init__(
+        self,
+        in_channels: list[int],
+        out_channels: int,
+        class_token: bool,
+        positive: bool = False,
+        reassemble: list[int] | None = None,
+        features: int = 128,
+        min_depth: float = 1e-3,
+        segmentation: bool = False,
+    ) -> None:
+        super().__init__()
+        reassemble = reassemble or [24, 48, 96, 192]
+        if len(in_channels) != 4 or len(reassemble) != 4:
+            raise ValueError("The DPT head reads exactly four encoder levels.")
+        self.class_token = class_token
+        self.project = nn.ModuleList(
+            nn.Conv2d(c, r, 1) for c, r in zip(in_channels, reassemble, strict=True)
+        )
+        # levels 0, 1 upsampled x4 / x2, level 2 kept, level 3 downsampled x2
+        self.resample = nn.ModuleList(
+            [
+                nn.ConvTranspose2d(reassemble[0], reassemble[0], 4, stride=4),
+                nn.ConvTranspose2d(reassemble[1], reassemble[1], 2, stride=2),
+                nn.Identity(),
+                nn.Conv2d(reassemble[3], reassemble[3], 3, stride=2, padding=1),
+            ]
+        )
+        self.to_features = nn.ModuleList(
+            nn.Conv2d(r, features, 3, padding=1, bias=False) for r in reassemble
+        )
+        self.fusion = nn.ModuleList(_FusionBlock(features) for _ in range(4))
+        if segmentation:
+            self.neck = nn.Sequential(
+                nn.Conv2d(features, features, 3, padding=1, bias=False),
+                nn.BatchNorm2d(features),
+                nn.ReLU(inplace=True),
+                nn.Dropout(0.1),
+            )
+            self.out = nn.Conv2d(features, out_channels, 1)
+        else:
+            self.neck = nn.Sequential(
+                nn.Conv2d(features, features // 2, 3, padding=1),
+                nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False),
+                nn.Conv2d(features // 2, 32, 3, padding=1),
+                nn.ReLU(inplace=True),
+            )
+            self.out = nn.Conv2d(32, out_channels, 1)
+        self.activation = _OutputActivation(positive, min_depth)
+
+    def forward(self, feats: EncoderOutput) -> Tensor:
+        levels = []
+        for i, f in enumerate(feats.features):
+            if self.class_token and feats.class_tokens is not None:
+                f = f + feats.class_tokens[i][:, :, None, None]
+            levels.append(self.to_features[i](self.resample[i](self.project[i](f))))
+        x = self.fusion[3](levels[3], size=levels[2].shape[-2:])
+        x = self.fusion[2](x, levels[2], size=levels[1].shape[-2:])
+        x = self.fusion[1](x, levels[1], size=levels[0].shape[-2:])
+        x = self.fusion[0](x, levels[0])
+        return self.activation(self.out(self.neck(x)))
+
+
+def build_head(
+    config: HeadConfig,
+    in_channels: list[int],
+    out_channels: int,
+    class_token: bool,
+    task_kind: str,
+) -> nn.Module:
+    """One head for one task; depth-like tasks get a positive output."""
+    if config.kind not in HEAD_KINDS:
+        raise ValueError(f"Head kind must be one of {HEAD_KINDS}, got {config.kind!r}.")
+    positive = task_kind == "depth"
+    if config.kind == "linear":
+        return LinearHead(
+            in_channels, out_channels, class_token, positive, config.upsample, config.min_depth
+        )
+    return DPTHead(
+        in_channels,
+        out_channels,
+        class_token,
+        positive,
+        config.dpt_channels,
+        config.dpt_features,
+        config.min_depth,
+        segmentation=task_kind == "segmentation",
+    )

@@ -1,0 +1,325 @@
+"""SIMOModule: single-task, merged or re-aligned SIMO models (any subset of tasks).
+
+The same module serves every stage that trains or evaluates a SIMONet with per-task losses:
+single-task fine-tuning (linear probe, then full fine-tune), evaluating a merged encoder, and
+re-alignment (the MergeCallback decides *what* is trainable before optimizers exist; this module
+only optimises what requires grad).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from torch import Tensor, nn
+
+from lightning_simo.evaluation import delta_mtl, normalized_performance
+from lightning_simo.models.encoders import EncoderConfig, EncoderOutput
+from lightning_simo.models.heads import HeadConfig
+from lightning_simo.models.simo import SIMONet
+from lightning_simo.tasks import Task, build_tasks
+
+__all__ = ["SIMOModule", "load_reference_metrics"]
+
+SPLIT_NAMES = ("val", "test")
+
+
+def load_reference_metrics(paths: list[str]) -> dict[str, float]:
+    """Merge the ``test_metrics.json`` files of single-task runs into one baseline mapping."""
+    merged: dict[str, float] = {}
+    for path in paths:
+        p = Path(path)
+        if not p.is_file():
+            raise FileNotFoundError(
+                f"Reference metrics {path!r} not found; run `lightning_simo test` on the "
+                "single-task model first (it writes test_metrics.json in its run folder)."
+            )
+        data = json.loads(p.read_text())
+        merged.update({k: float(v) for k, v in data.get("metrics", data).items()})
+    return merged
+
+
+class SIMOModule(L.LightningModule):
+    """Train or evaluate one encoder with one head per task.
+
+    Args:
+        tasks: task names (linked from the datamodule's ``tasks``).
+        num_classes: class counts of classification tasks (linked from the datamodule).
+        encoder: the shared encoder (timm name, weights, levels, input scaling).
+        head: the head shape used for every task.
+        normal_loss: ``cosine`` (paper) or ``l1`` (the authors' code).
+        lr: learning rate of the encoder (and of heads unless ``head_lr`` is set).
+        head_lr: learning rate of the heads.
+        weight_decay: AdamW weight decay.
+        warmup_fraction: share of the one-cycle schedule spent warming up (5% in the paper).
+        schedule: ``onecycle`` or ``constant``.
+        freeze_encoder: linear probe: the encoder never trains in this run.
+        probe_epochs: linear probe then fine-tune in one run: encoder gradients are cut for the
+            first ``probe_epochs`` epochs, then the whole model trains.
+        init_from: start from the encoder and heads of another checkpoint (e.g. the linear
+            probe), loaded as data (no pickled code).
+        reference_metrics: ``test_metrics.json`` files of the single-task models; when given,
+            ``test`` also reports normalised performance and Δ_MTL (both forms).
+        metrics_file: where ``test`` writes its metrics (default ``<default_root_dir>/
+            test_metrics.json``).
+    """
+
+    def __init__(
+        self,
+        tasks: list[str],
+        num_classes: dict[str, int] | None = None,
+        encoder: EncoderConfig | None = None,
+        head: HeadConfig | None = None,
+        normal_loss: str = "cosine",
+        lr: float = 1e-4,
+        head_lr: float | None = None,
+        weight_decay: float = 1e-4,
+        warmup_fraction: float = 0.05,
+        schedule: str = "onecycle",
+        freeze_encoder: bool = False,
+        probe_epochs: int = 0,
+        init_from: str | None = None,
+        reference_metrics: list[str] | None = None,
+        metrics_file: str | None = None,
+    ) -> None:
+        super().__init__()
+        enc_cfg = EncoderConfig.coerce(encoder)
+        head_cfg = HeadConfig.coerce(head)
+        if schedule not in ("onecycle", "constant"):
+            raise ValueError(f"schedule must be 'onecycle' or 'constant', got {schedule!r}.")
+        if not 0.0 <= warmup_fraction < 1.0:
+            raise ValueError(f"warmup_fraction must lie in [0, 1), got {warmup_fraction}.")
+        self.save_hyperparameters()
+        # plain dicts so checkpoints load with weights_only=True
+        self.hparams["encoder"] = enc_cfg.to_dict()
+        self.hparams["head"] = head_cfg.to_dict()
+        self.task_specs: dict[str, Task] = build_tasks(tasks, num_classes, normal_loss)
+        self.net = SIMONet(self.task_specs, enc_cfg, head_cfg)
+        if init_from:
+            self.load_net_weights(init_from)
+        if freeze_encoder:
+            self.net.encoder.requires_grad_(False)
+        self.metrics = nn.ModuleDict(
+            {
+                split: nn.ModuleDict({t: spec.make_metrics() for t, spec in self.task_specs.items()})
+                for split in SPLIT_NAMES
+            }
+        )
+        self.register_buffer("samples_seen", torch.zeros((), dtype=torch.long))
+        self.feature_source: Any = None  # set by re-alignment to serve cached encoder features
+        self.last_metrics: dict[str, dict[str, float]] = {}
+
+    # ------------------------------------------------------------------ weights
+    def load_net_weights(self, path: str, strict_heads: bool = True) -> None:
+        """Load encoder + heads for this module's tasks from another checkpoint of a SIMONet."""
+        from lightning_simo.checkpoints import encoder_state_dict, head_state_dicts, load_state_dict
+
+        state = load_state_dict(path)
+        self.net.encoder.load_state_dict(encoder_state_dict(state), strict=False)
+        heads = head_state_dicts(state)
+        for task in self.task_specs:
+            if task not in heads:
+                if strict_heads:
+                    raise ValueError(
+                        f"Checkpoint {path!r} has no head for task {task!r} "
+                        f"(it has: {', '.join(sorted(heads)) or 'none'})."
+                    )
+                continue
+            self.net.heads[task].load_state_dict(heads[task])
+
+    @property
+    def tasks(self) -> list[str]:
+        return list(self.task_specs)
+
+    # ------------------------------------------------------------------ forward
+    def encode(self, batch: Mapping[str, Tensor]) -> EncoderOutput:
+        """Encoder features of a batch; training batches are served from a cache when
+        re-alignment installed one (evaluation always runs the encoder: other splits reuse
+        sample indices)."""
+        if self.feature_source is not None and self.training:
+            cached = self.feature_source(batch)
+            if cached is not None:
+                return cached
+        feats = self.net.encoder(batch["image"])
+        if self.training and self.current_epoch < self.hparams.probe_epochs:
+            feats = EncoderOutput(
+                [f.detach() for f in feats.features],
+                None if feats.class_tokens is None else [t.detach() for t in feats.class_tokens],
+                feats.image_size,
+            )
+        return feats
+
+    def forward(self, images: Tensor) -> dict[str, Tensor]:
+        return self.net(images)
+
+    def task_losses(self, batch: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        preds = self.net.forward_heads(self.encode(batch))
+        losses = {t: self.task_specs[t].loss(preds[t], batch[t]) for t in self.task_specs}
+        return preds, losses
+
+    def combine_losses(self, losses: Mapping[str, Tensor]) -> Tensor:
+        """The training objective: the unweighted mean of task losses (the SIMO paper)."""
+        return torch.stack(list(losses.values())).mean()
+
+    # ------------------------------------------------------------------ steps
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        _, losses = self.task_losses(batch)
+        total = self.combine_losses(losses)
+        self._log_losses("train", losses, total, batch)
+        self.samples_seen += batch["image"].shape[0]
+        return total
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Tensor]:
+        return self._eval_step("val", batch)
+
+    def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Tensor]:
+        return self._eval_step("test", batch)
+
+    def predict_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Tensor]:
+        return self.net.forward_heads(self.encode(batch))
+
+    def _eval_step(self, split: str, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        preds, losses = self.task_losses(batch)
+        total = self.combine_losses(losses)
+        self._log_losses(split, losses, total, batch)
+        for t, metric in self.metrics[split].items():
+            metric.update(preds[t], batch[t])
+        return {"preds": {t: p.detach() for t, p in preds.items()}}  # type: ignore[dict-item]
+
+    def _log_losses(
+        self, split: str, losses: Mapping[str, Tensor], total: Tensor, batch: Mapping[str, Tensor]
+    ) -> None:
+        n = int(batch["image"].shape[0])
+        on_step = split == "train"
+        for t, loss in losses.items():
+            self.log(f"{split}/{t}/loss", loss, batch_size=n, on_step=on_step, on_epoch=True,
+                     sync_dist=not on_step)
+        self.log(f"{split}/loss", total, batch_size=n, on_step=on_step, on_epoch=True,
+                 prog_bar=True, sync_dist=not on_step)
+
+    # ------------------------------------------------------------------ epoch ends
+    def _compute_metrics(self, split: str) -> dict[str, float]:
+        flat: dict[str, float] = {}
+        for t, metric in self.metrics[split].items():
+            for name, value in metric.compute().items():
+                flat[f"{t}/{name}"] = float(value)
+            metric.reset()
+        return flat
+
+    def on_validation_epoch_end(self) -> None:
+        if self.trainer.sanity_checking:
+            for metric in self.metrics["val"].values():
+                metric.reset()
+            return
+        values = self._compute_metrics("val")
+        self.last_metrics["val"] = values
+        self.log_dict({f"val/{k}": v for k, v in values.items()}, sync_dist=False)
+
+    def on_test_epoch_end(self) -> None:
+        values = self._compute_metrics("test")
+        logs = {f"test/{k}": v for k, v in values.items()}
+        refs = self.hparams.reference_metrics
+        if refs:
+            baseline = load_reference_metrics(refs)
+            logs.update({f"test/{k}": v for k, v in self.relative_scores(values, baseline).items()})
+        self.last_metrics["test"] = values
+        self.log_dict(logs, sync_dist=False)
+        if self.trainer.world_size > 1:
+            from lightning.pytorch.utilities import rank_zero_warn
+
+            rank_zero_warn(
+                "Test metrics were computed on several devices; the distributed sampler may "
+                "repeat samples to even out batches. Report numbers from a single-device test."
+            )
+        self._write_metrics_file(logs)
+
+    def primary_metrics(self, values: Mapping[str, float]) -> dict[str, float]:
+        return {f"{t}/{s.primary}": values[f"{t}/{s.primary}"] for t, s in self.task_specs.items()}
+
+    def relative_scores(
+        self, values: Mapping[str, float], baseline: Mapping[str, float]
+    ) -> dict[str, float]:
+        """Normalised performance per task and Δ_MTL (ratio and difference forms) vs baseline."""
+        out: dict[str, float] = {}
+        keys, hib = [], {}
+        for t, spec in self.task_specs.items():
+            key = f"{t}/{spec.primary}"
+            if key not in baseline:
+                raise ValueError(
+                    f"The reference metrics have no {key!r}; give the test_metrics.json of the "
+                    f"single-task model of task {t!r}."
+                )
+            out[f"{t}/normalized"] = normalized_performance(
+                values[key], baseline[key], spec.higher_is_better
+            )
+            keys.append(key)
+            hib[key] = spec.higher_is_better
+        res = {k: values[k] for k in keys}
+        base = {k: baseline[k] for k in keys}
+        out["delta_mtl_ratio"] = delta_mtl(res, base, hib, form="ratio")
+        out["delta_mtl_difference"] = delta_mtl(res, base, hib, form="difference")
+        return out
+
+    def _write_metrics_file(self, logs: Mapping[str, float]) -> None:
+        if not self.trainer.is_global_zero:
+            return
+        from lightning_simo.io import atomic_write_text
+
+        path = self.hparams.metrics_file or str(
+            Path(self.trainer.default_root_dir) / "test_metrics.json"
+        )
+        metrics = {k.removeprefix("test/"): v for k, v in logs.items()}
+        payload = {
+            "tasks": self.tasks,
+            "metrics": {k: (None if math.isnan(v) else v) for k, v in metrics.items()},
+        }
+        atomic_write_text(path, json.dumps(payload, indent=2, sort_keys=True))
+
+    # ------------------------------------------------------------------ optimisation
+    def parameter_groups(self) -> list[dict[str, Any]]:
+        """Encoder and heads as separate groups (their own learning rates); frozen ones skipped."""
+        hp = self.hparams
+        head_ids = {id(p) for p in self.net.heads.parameters()}
+        heads = [p for p in self.net.heads.parameters() if p.requires_grad]
+        rest = [p for p in self.parameters() if p.requires_grad and id(p) not in head_ids]
+        groups = []
+        if rest:
+            groups.append({"params": rest, "lr": hp.lr, "name": "encoder"})
+        if heads:
+            groups.append({"params": heads, "lr": hp.head_lr or hp.lr, "name": "heads"})
+        return groups
+
+    def trainable_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+    def configure_optimizers(self) -> Any:
+        groups = self.parameter_groups()
+        if not groups:
+            raise ValueError(
+                "Nothing to train: every parameter is frozen. Choose a re-alignment mode that "
+                "trains something, or run `test` instead of `fit`."
+            )
+        opt = torch.optim.AdamW(groups, weight_decay=self.hparams.weight_decay)
+        if self.hparams.schedule == "constant":
+            return opt
+        total = int(self.trainer.estimated_stepping_batches)
+        sched = torch.optim.lr_scheduler.OneCycleLR(
+            opt,
+            max_lr=[g["lr"] for g in groups],
+            total_steps=max(total, 1),
+            pct_start=max(self.hparams.warmup_fraction, 1e-6),
+            anneal_strategy="cos",
+            cycle_momentum=False,
+        )
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def on_fit_start(self) -> None:
+        if self.logger is not None:
+            self.logger.log_hyperparams(
+                self.hparams, {"hp/trainable_params": float(self.trainable_parameters())}
+            )
