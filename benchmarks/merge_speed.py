@@ -199,8 +199,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--size", choices=sorted(MODELS), default="base")
     parser.add_argument("--repeat", type=int, default=1, help="runs per variant, best kept")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch intra-op threads in every variant (0: torch's default). One thread by default: "
+        "on a shared machine, multi-threaded runs mostly measure the neighbours' load",
+    )
     parser.add_argument("--worker", choices=VARIANTS, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
     if args.worker:
         print(json.dumps(run_variant(args.worker, args.size)))
         return
@@ -210,7 +219,12 @@ def main() -> None:
         runs = []
         for _ in range(args.repeat):
             proc = subprocess.run(
-                [sys.executable, __file__, "--size", args.size, "--worker", variant],
+                [
+                    sys.executable,
+                    __file__,
+                    *("--size", args.size, "--threads", str(args.threads)),
+                    *("--worker", variant),
+                ],
                 check=True,
                 capture_output=True,
                 text=True,

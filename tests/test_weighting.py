@@ -70,7 +70,7 @@ def test_invalid_construction() -> None:
 def _optimise_log_var(weighting: UncertaintyWeighting, losses: dict[str, Tensor]) -> Tensor:
     """Adam on s alone, the losses held fixed (a toy whose loss scale is a constant c)."""
     opt = torch.optim.Adam(weighting.parameters(), lr=0.05)
-    for _ in range(1500):
+    for _ in range(400):
         opt.zero_grad()
         weighting.combine(losses).backward()
         opt.step()
@@ -84,8 +84,8 @@ def test_uncertainty_per_type_reaches_closed_form_optimum() -> None:
         ["depth", "seg"], {"depth": "regression", "seg": "classification"}
     )
     log_var = _optimise_log_var(weighting, _losses(depth=c_reg, seg=c_cls))
-    assert log_var[0].item() == pytest.approx(math.log(c_reg), abs=1e-2)
-    assert log_var[1].item() == pytest.approx(math.log(2 * c_cls), abs=1e-2)
+    assert log_var[0].item() == pytest.approx(math.log(c_reg), abs=1e-3)
+    assert log_var[1].item() == pytest.approx(math.log(2 * c_cls), abs=1e-3)
     # At the optimum the effective multipliers are 1/(2c) for either type.
     weights = weighting.weights()
     assert weights["depth"] == pytest.approx(1 / (2 * c_reg), rel=2e-2)
@@ -98,7 +98,7 @@ def test_uncertainty_per_type_reaches_closed_form_optimum() -> None:
 def test_uncertainty_regression_form_ignores_types() -> None:
     weighting = UncertaintyWeighting(["a", "b"], {"a": "classification"}, form="regression")
     log_var = _optimise_log_var(weighting, _losses(a=0.3, b=7.0))
-    assert log_var.tolist() == pytest.approx([math.log(0.3), math.log(7.0)], abs=1e-2)
+    assert log_var.tolist() == pytest.approx([math.log(0.3), math.log(7.0)], abs=1e-3)
 
 
 def test_uncertainty_libmtl_form() -> None:
@@ -109,7 +109,7 @@ def test_uncertainty_libmtl_form() -> None:
     assert weighting.combine(_losses(a=2.0, b=5.0)).item() == pytest.approx(expected, rel=1e-6)
     # L / (2 e^s) + s / 2 is minimised at s* = log L.
     log_var = _optimise_log_var(weighting, _losses(a=2.0, b=5.0))
-    assert log_var.tolist() == pytest.approx([math.log(2.0), math.log(5.0)], abs=1e-2)
+    assert log_var.tolist() == pytest.approx([math.log(2.0), math.log(5.0)], abs=1e-3)
 
 
 def test_uncertainty_total_can_be_negative_and_is_checkpointed() -> None:
@@ -179,12 +179,12 @@ def test_gradnorm_balances_gradient_norms(seed: int) -> None:
     toy = _TwoTaskToy(seed)
     gradnorm = GradNorm(["a", "b"])
     assert gradnorm.requires_manual_backward
-    history = _train(gradnorm, toy, steps=300)
+    history = _train(gradnorm, toy, steps=250)
     stacked = torch.stack(history)
-    assert torch.allclose(stacked.sum(dim=1), torch.full((300,), 2.0), atol=1e-5)
+    assert torch.allclose(stacked.sum(dim=1), torch.full((250,), 2.0), atol=1e-5)
     assert (stacked > 0).all()
     balance = _balance(gradnorm, toy)
-    assert balance.tolist() == pytest.approx([1.0, 1.0], abs=0.1)
+    assert balance.tolist() == pytest.approx([1.0, 1.0], abs=0.05)  # reached: within 0.01
     # The 100x loss has a ~100x larger raw gradient, so it gets the much smaller weight.
     w_a, w_b = gradnorm.task_weights.tolist()
     assert w_b < 0.05 * w_a
@@ -202,8 +202,8 @@ def test_gradnorm_balances_gradient_norms(seed: int) -> None:
 def test_gradnorm_linear_space_keeps_invariants() -> None:
     toy = _TwoTaskToy(0)
     gradnorm = GradNorm(["a", "b"], space="linear")
-    stacked = torch.stack(_train(gradnorm, toy, steps=200))
-    assert torch.allclose(stacked.sum(dim=1), torch.full((200,), 2.0), atol=1e-5)
+    stacked = torch.stack(_train(gradnorm, toy, steps=150))
+    assert torch.allclose(stacked.sum(dim=1), torch.full((150,), 2.0), atol=1e-5)
     assert (stacked >= gradnorm.min_weight * 0.99).all()
     assert stacked[-1, 1] < 0.1 * stacked[-1, 0]
 

@@ -186,7 +186,7 @@ class MergeCallback(L.Callback):
             finetuned.append(encoder_state_dict(state))
             names.append(f"{task} checkpoint {path!r}")
             self.sources[task] = {"path": str(path), "sha256": file_sha256(path)}
-        check_compatible(theta0, finetuned, names=["pretrained encoder", *names])
+        check_compatible(theta0, finetuned, names=names, reference_name="pretrained encoder")
 
         resuming = getattr(trainer, "ckpt_path", None) is not None
         direction = self._merge_direction(theta0, finetuned)
