@@ -1,7 +1,6 @@
 # Every target runs from the project root. `make install` is idempotent.
 PYTHON ?= python3
 PIP ?= $(PYTHON) -m pip
-RUN ?= runs/synthetic
 
 .PHONY: install demo test test-fast lint format clean
 
@@ -9,7 +8,7 @@ install:
 	$(PIP) install -e ".[dev]"
 
 demo: install
-	bash scripts/demo.sh $(RUN)
+	lightning_simo study --config configs/synthetic/study.yaml
 
 test: install
 	$(PYTHON) -m pytest -q

@@ -7,6 +7,8 @@ own input errors into one readable line and a non-zero exit.
 
 from __future__ import annotations
 
+import argparse
+import importlib
 import os
 import sys
 from typing import Any
@@ -17,7 +19,7 @@ from lightning.pytorch.cli import LightningCLI
 from lightning_simo.callbacks.merge import MergeCallback
 from lightning_simo.checkpoints import CheckpointError
 
-__all__ = ["SIMOCLI", "USER_ERRORS", "main"]
+__all__ = ["SIMOCLI", "USER_ERRORS", "build_cli", "main"]
 
 USER_ERRORS: tuple[type[BaseException], ...] = (
     ValueError,
@@ -89,16 +91,53 @@ class SIMOCLI(LightningCLI):
         return self._instantiate_trainer(trainer_config, extra)
 
 
+EXTRA_COMMANDS: dict[str, tuple[str, str]] = {
+    "study": ("lightning_simo.study", "run the whole comparison (pretrain, fine-tune, merge, "
+              "re-align, joint MTL, test) and write a results table"),
+    "analyze": ("lightning_simo.analysis", "task relationships: λ sweeps per task vector, cosine "
+                "similarities and norms of the task vectors"),
+}
+"""Commands beyond Lightning's fit/validate/test/predict, each a module with ``main(args)``."""
+
+
+def _extra_commands_help() -> str:
+    lines = ["More commands:"]
+    lines += [f"  {name:<10} {text}" for name, (_, text) in EXTRA_COMMANDS.items()]
+    lines.append("Run `lightning_simo <command> --help` for their options.")
+    return "\n".join(lines)
+
+
+def _run(args: list[str] | None) -> None:
+    argv = sys.argv[1:] if args is None else list(args)
+    if argv and argv[0] in EXTRA_COMMANDS:
+        module = importlib.import_module(EXTRA_COMMANDS[argv[0]][0])
+        module.main(argv[1:])
+        return
+    build_cli(args)
+
+
+def build_cli(args: list[str] | None, run: bool = True) -> SIMOCLI:
+    """The ``lightning_simo`` CLI on ``args``; ``run=False`` only builds model, data and trainer.
+
+    One place for the CLI's settings, so commands that need the objects a config describes
+    without fitting anything (``analyze``, notebooks) build them exactly as ``fit`` would.
+    """
+    return SIMOCLI(
+        save_config_kwargs={"overwrite": True},
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        args=args,
+        run=run,
+        auto_configure_optimizers=False,
+        parser_kwargs={"epilog": _extra_commands_help(),
+                       "formatter_class": argparse.RawDescriptionHelpFormatter},
+    )
+
+
 def main(args: list[str] | None = None) -> None:
     """Entry point of the ``lightning_simo`` console script (and ``python -m lightning_simo``)."""
     try:
-        SIMOCLI(
-            save_config_kwargs={"overwrite": True},
-            subclass_mode_model=True,
-            subclass_mode_data=True,
-            args=args,
-            auto_configure_optimizers=False,
-        )
+        _run(args)
     except USER_ERRORS as err:
         if os.environ.get("LIGHTNING_SIMO_DEBUG"):
             raise

@@ -27,6 +27,7 @@ from lightning_simo.checkpoints import (
 )
 from lightning_simo.evaluation import evaluate_net, mean_normalized_performance
 from lightning_simo.merging import check_compatible, merge
+from lightning_simo.modules.tinting import TINT_MODES, TintingModule
 
 __all__ = ["BN_POLICIES", "DEFAULT_ALPHA_GRID", "MergeCallback"]
 
@@ -51,8 +52,9 @@ class MergeCallback(L.Callback):
             ``drop_rate``, ``seed``, ``base``).
         bn_stats: BatchNorm running statistics: ``merge`` like weights, keep the ``pretrained``
             ones, or ``reestimate`` them on ``reestimate_batches`` unlabelled training batches.
-        realign: ``none``, ``heads``, ``adapters``, ``full`` (``tinting`` / ``adamerging`` need
-            the tinting callback).
+        realign: ``none``, ``heads``, ``adapters``, ``full``, ``tinting`` / ``adamerging``
+            (these two need ``TintingModule``, whose coefficients start at its own
+            ``coefficient_init`` whatever α is).
         adapter_rank: rank of the block adapters (``adapters`` mode).
         adapter_form: ``lora`` (paper: f(x) + BAx) or ``residual`` (the authors' code).
         cache_features: with ``heads``, compute each training sample's encoder features once.
@@ -157,6 +159,11 @@ class MergeCallback(L.Callback):
         tasks = getattr(pl_module, "task_specs", None)
         if net is None or tasks is None:
             raise ValueError("MergeCallback works with SIMOModule (a module with `net` and tasks).")
+        if self.realign in TINT_MODES and not isinstance(pl_module, TintingModule):
+            raise ValueError(
+                f"realign: {self.realign} needs model class "
+                "lightning_simo.modules.tinting.TintingModule"
+            )
         missing = [t for t in tasks if t not in self.checkpoints]
         if missing:
             raise ValueError(
@@ -166,7 +173,7 @@ class MergeCallback(L.Callback):
         encoder = net.encoder
         own = {k: v.detach().clone() for k, v in encoder.state_dict().items()}
         theta0 = encoder_state_dict(load_state_dict(self.pretrained)) if self.pretrained else own
-        finetuned, names = [], []
+        finetuned: list[dict[str, Tensor]] = []
         for task in tasks:
             path = self.checkpoints[task]
             state = load_state_dict(path)
@@ -176,6 +183,9 @@ class MergeCallback(L.Callback):
                     f"Checkpoint {path!r} given for task {task!r} has no head for it "
                     f"(heads found: {', '.join(sorted(heads)) or 'none'})."
                 )
+            weights, name = encoder_state_dict(state), f"{task} checkpoint {path!r}"
+            # encoder first: another backbone also changes the head's shapes, but is the cause
+            check_compatible(theta0, [weights], names=[name], reference_name="pretrained encoder")
             try:
                 net.heads[task].load_state_dict(heads[task])
             except RuntimeError as err:
@@ -183,10 +193,8 @@ class MergeCallback(L.Callback):
                     f"The {task!r} head in {path!r} does not fit this model's head (different "
                     f"class count or head kind): {str(err).splitlines()[1].strip()}"
                 ) from None
-            finetuned.append(encoder_state_dict(state))
-            names.append(f"{task} checkpoint {path!r}")
+            finetuned.append(weights)
             self.sources[task] = {"path": str(path), "sha256": file_sha256(path)}
-        check_compatible(theta0, finetuned, names=names, reference_name="pretrained encoder")
 
         resuming = getattr(trainer, "ckpt_path", None) is not None
         direction = self._merge_direction(theta0, finetuned)
@@ -204,6 +212,9 @@ class MergeCallback(L.Callback):
         if self.bn_stats == "reestimate":
             self._reestimate_bn(trainer, pl_module)
         apply_realign_mode(net, self.realign, self.adapter_rank, self.adapter_form)
+        if self.realign in TINT_MODES:
+            heads = {t: net.heads[t].state_dict() for t in tasks}
+            pl_module.configure_tinting(theta0, finetuned, heads, self.realign)
         if self.realign == "heads" and self.cache_features:
             pl_module.feature_source = FeatureCache(encoder)
         self._merged = True

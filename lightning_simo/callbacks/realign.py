@@ -24,6 +24,10 @@ __all__ = [
 ]
 
 REALIGN_MODES = ("none", "heads", "adapters", "full", "tinting", "adamerging")
+_FINGERPRINT_SAMPLES = 64
+# the same image gives the same signature up to reduction order on the device
+_FINGERPRINT_RTOL = 1e-5
+_FINGERPRINT_ATOL = 1e-4
 
 
 def add_adapters(encoder: Encoder, rank: int, form: str) -> list[RemovableHandle]:
@@ -78,13 +82,16 @@ class FeatureCache:
 
     With a frozen encoder (head re-alignment) every epoch after the first costs only the heads.
     Only valid when the training data is not augmented: the same index must always be the same
-    image (the MergeCallback refuses augmentation with caching).
+    image. A cheap fingerprint of each cached image (its pixel sum and a strided sample of its
+    pixels) is kept, and a later batch whose image differs for a cached index raises a
+    ``RuntimeError`` instead of silently training the heads on features of another image.
     """
 
     def __init__(self, encoder: Encoder, device: torch.device | str | None = None) -> None:
         self.encoder = encoder
         self.device = device
         self._store: dict[int, tuple[list[Tensor], list[Tensor] | None]] = {}
+        self._fingerprints: dict[int, Tensor] = {}
         self.hits = 0
         self.misses = 0
 
@@ -97,7 +104,11 @@ class FeatureCache:
             return None
         indices = [int(i) for i in batch["index"].tolist()]
         images = batch["image"]
+        prints = _fingerprints(images)
         missing = [j for j, i in enumerate(indices) if i not in self._store]
+        cached = [j for j, i in enumerate(indices) if i in self._store]
+        if cached:
+            self._check_unchanged([indices[j] for j in cached], prints[cached])
         if missing:
             was_training = self.encoder.training
             self.encoder.eval()
@@ -109,6 +120,7 @@ class FeatureCache:
                     t[k].detach().clone() for t in out.class_tokens
                 ]
                 self._store[indices[j]] = (feats, tokens)
+                self._fingerprints[indices[j]] = prints[j]
             self.misses += len(missing)
         self.hits += len(indices) - len(missing)
         entries = [self._store[i] for i in indices]
@@ -118,3 +130,37 @@ class FeatureCache:
             tokens = [torch.stack([e[1][lvl] for e in entries]) for lvl in range(len(entries[0][1]))]
         size = (int(images.shape[-2]), int(images.shape[-1]))
         return EncoderOutput(features, tokens, size)
+
+    def _check_unchanged(self, indices: list[int], prints: Tensor) -> None:
+        """Raise if an image differs from the one whose features were cached for its index.
+
+        Compared in one batched operation so the check costs a single device synchronisation.
+        """
+        stored = [self._fingerprints[i] for i in indices]
+        if all(s.shape == prints.shape[1:] for s in stored) and torch.allclose(
+            torch.stack(stored), prints, rtol=_FINGERPRINT_RTOL, atol=_FINGERPRINT_ATOL
+        ):
+            return
+        changed = next(
+            i for i, s, p in zip(indices, stored, prints, strict=True)
+            if s.shape != p.shape
+            or not torch.allclose(s, p, rtol=_FINGERPRINT_RTOL, atol=_FINGERPRINT_ATOL)
+        )
+        raise RuntimeError(
+            f"Cached encoder features are stale: training sample {changed} is not the image "
+            "whose features were cached for it (is the training data augmented?). Feature "
+            "caching needs the same image for the same index in every epoch: set `augment: "
+            "false` on the datamodule, or `cache_features: false` on the MergeCallback."
+        )
+
+
+def _fingerprints(images: Tensor) -> Tensor:
+    """Per-image signature ``B x (1 + n)``: the pixel sum and ``n`` evenly strided pixels.
+
+    The sum catches crops, rescaling and colour changes; the strided sample catches flips, which
+    leave the sum unchanged. Different image sizes give signatures of different lengths.
+    """
+    flat = images.detach().flatten(1).float()
+    step = max(1, flat.shape[1] // _FINGERPRINT_SAMPLES)
+    sample = flat[:, ::step][:, :_FINGERPRINT_SAMPLES]
+    return torch.cat([flat.sum(dim=1, keepdim=True), sample], dim=1)

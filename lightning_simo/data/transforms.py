@@ -15,9 +15,18 @@ labels. albumentations pads every mask with one fill value, so label maps travel
 pipeline as ``float32(label + 1)``: 0 is then "ignore" for every target and a single fill of 0 is
 right for all of them; :class:`DensePipeline` shifts labels back to ``int64`` with -1 = ignore.
 
+Taskonomy's ``"keypoints2d"`` and ``"edge_texture"`` are continuous maps in [-1, 1]; they are
+resampled with nearest neighbour like every other target. Bilinear would be slightly smoother, but
+one interpolation for all targets keeps every output value a copy of an input value, and the
+zoom factors are small. Their pad value 0 is a valid mid-range value, not a marker: pad only
+happens when the crop is larger than the (rescaled) image, which the paper's recipes never do.
+
 Samples are numpy dicts in HWC layout: ``"image"`` HxWx3 float32 in [0, 1], ``"segmentation"`` /
-``"part_segmentation"`` HxW int, ``"depth"`` / ``"disparity"`` / ``"edges"`` HxW float32,
-``"normals"`` HxWx3 float32. Any subset of the target keys may be present.
+``"part_segmentation"`` HxW int, ``"depth"`` / ``"disparity"`` / ``"edges"`` / ``"keypoints2d"`` /
+``"edge_texture"`` HxW float32, ``"normals"`` HxWx3 float32. Any subset of the target keys may be
+present, plus the non-spatial ``METADATA_KEYS`` (passed through untouched). Any other key is an
+error: a map the pipeline does not know would keep its old geometry while the image is cropped and
+flipped, silently misaligning image and target.
 """
 
 from __future__ import annotations
@@ -38,15 +47,21 @@ __all__ = [
     "DensePipeline",
     "HorizontalFlipNormals",
     "LABEL_KEYS",
+    "METADATA_KEYS",
     "RandomRescale",
+    "SCALAR_KEYS",
     "build_transform",
     "to_tensor_sample",
 ]
 
 LABEL_KEYS = ("segmentation", "part_segmentation")
 """Integer class maps (-1 = ignore)."""
-DENSE_KEYS = (*LABEL_KEYS, "depth", "disparity", "normals", "edges")
+SCALAR_KEYS = ("depth", "disparity", "edges", "keypoints2d", "edge_texture")
+"""Single-channel float maps (``H x W`` in numpy, ``1 x H x W`` as tensors)."""
+DENSE_KEYS = (*LABEL_KEYS, *SCALAR_KEYS, "normals")
 """Every dense target the pipelines know; each is transformed as an albumentations mask."""
+METADATA_KEYS = ("index",)
+"""Non-spatial entries that may ride along with a sample and are returned unchanged."""
 
 _DEPTH_KEYS = ("depth",)
 _INVERSE_DEPTH_KEYS = ("disparity",)
@@ -233,7 +248,24 @@ class DensePipeline:
         return self._pipelines[size]
 
     # ------------------------------------------------------------------ running
+    @staticmethod
+    def check_keys(sample: Mapping[str, Any]) -> None:
+        """Refuse keys the pipeline would not move with the image (see the module docstring)."""
+        if "image" not in sample:
+            raise ValueError("A dense sample needs an 'image' entry.")
+        known = {"image", *DENSE_KEYS, *METADATA_KEYS}
+        unknown = sorted(k for k in sample if k not in known)
+        if unknown:
+            raise ValueError(
+                f"The augmentation pipeline does not know the sample key(s) {unknown}, so it "
+                f"cannot keep them aligned with the image. Known dense targets: "
+                f"{', '.join(DENSE_KEYS)}; metadata: {', '.join(METADATA_KEYS)}. Add the key "
+                "to lightning_simo.data.transforms (DENSE_KEYS or METADATA_KEYS) or drop it "
+                "before the transform."
+            )
+
     def __call__(self, sample: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        self.check_keys(sample)
         if not self.train and self.crop is None:
             return dict(sample)
         image = sample["image"]
@@ -247,7 +279,7 @@ class DensePipeline:
                 data[key] = np.asarray(value).astype(np.float32) + 1.0
             elif key in DENSE_KEYS:
                 data[key] = np.ascontiguousarray(value, dtype=np.float32)
-            else:
+            else:  # METADATA_KEYS (check_keys refused everything else)
                 passthrough[key] = value
         out = self._pipeline(size)(**data)
         result: dict[str, np.ndarray] = {"image": out["image"]}
@@ -279,16 +311,16 @@ def build_transform(
 def to_tensor_sample(sample: Mapping[str, Any]) -> dict[str, torch.Tensor]:
     """Numpy HWC sample -> tensors in the conventions of :mod:`lightning_simo.tasks`.
 
-    ``image`` / ``normals`` (HxWxC) become CxHxW float32; ``depth`` / ``disparity`` / ``edges``
-    (HxW) become 1xHxW float32; label maps become int64 HxW (-1 kept); anything else (e.g.
-    ``"index"``) becomes a tensor as is.
+    ``image`` / ``normals`` (HxWxC) become CxHxW float32; ``SCALAR_KEYS`` maps (HxW) become
+    1xHxW float32; label maps become int64 HxW (-1 kept); anything else (e.g. ``"index"``)
+    becomes a tensor as is.
     """
     out: dict[str, torch.Tensor] = {}
     for key, value in sample.items():
         if key in ("image", "normals"):
             arr = np.asarray(value, dtype=np.float32)
             out[key] = torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
-        elif key in ("depth", "disparity", "edges"):
+        elif key in SCALAR_KEYS:
             arr = np.asarray(value, dtype=np.float32)
             out[key] = torch.from_numpy(np.ascontiguousarray(arr))[None]
         elif key in LABEL_KEYS:

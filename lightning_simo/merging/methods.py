@@ -262,7 +262,9 @@ def _kth_largest_magnitudes(inputs: MergeInputs, k: int) -> list[Tensor]:
                 pattern = tau.abs_().view(int_dtype).reshape(-1)
                 if shift + _DIGIT_BITS < bits:
                     pattern = pattern[(pattern >> (shift + _DIGIT_BITS)) == prefixes[task]]
-                digits = (pattern >> shift) & (_DIGITS - 1)
+                    digits = (pattern >> shift) & (_DIGITS - 1)
+                else:  # the sign bit is 0, so the top digit needs no mask
+                    digits = pattern >> shift
                 counts = torch.bincount(digits, minlength=_DIGITS)
                 if hist is None:
                     hist = torch.zeros(
@@ -288,8 +290,9 @@ def _select_keys(
     else:
         if isinstance(keys, str):
             raise ValueError("option 'keys' must be an iterable of key names, not one string")
-        wanted = set(keys)
-        unknown = next((k for k in wanted if k not in pretrained), None)
+        requested = list(keys)
+        wanted = set(requested)
+        unknown = next((k for k in requested if k not in pretrained), None)
         if unknown is not None:
             raise ValueError(
                 f"option 'keys' names {unknown!r}, which is not in the pretrained state dict"
@@ -332,8 +335,10 @@ def merge(
             ``dare`` built in).
         options: the method's options (see each method), plus two common ones:
             ``bn_stats``: ``"merge"`` (default) merges BatchNorm running statistics like
-            weights; ``"pretrained"`` keeps theta_0's; ``"reestimate"`` also keeps theta_0's
-            here, because re-estimating needs data: a Lightning callback does it afterwards.
+            weights (note that ``theta_0 + scaling * sum(tau)`` can drive a ``running_var``
+            negative when ``scaling * n_tasks > 1``); ``"pretrained"`` keeps theta_0's;
+            ``"reestimate"`` also keeps theta_0's here, because re-estimating needs data: a
+            Lightning callback does it afterwards.
             ``keys``: merge only these keys; all others are copied from ``pretrained``.
 
     Returns:

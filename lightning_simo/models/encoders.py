@@ -110,6 +110,8 @@ class Encoder(nn.Module):
                     f"Encoder block index {i} is out of range for {cfg.name!r} "
                     f"({n_blocks} blocks)."
                 )
+        if len(set(self.indices)) != len(self.indices):
+            raise ValueError(f"Encoder block indices must be distinct, got {cfg.indices}.")
         self.use_class_token = bool(
             cfg.class_token and self._is_vit and getattr(self.backbone, "cls_token", None) is not None
         )

@@ -112,6 +112,7 @@ class SIMOModule(L.LightningModule):
         )
         self.register_buffer("samples_seen", torch.zeros((), dtype=torch.long))
         self.feature_source: Any = None  # set by re-alignment to serve cached encoder features
+        self.nonfinite_guard: Any = None  # set by callbacks.guard.NonFiniteGuard
         self.last_metrics: dict[str, dict[str, float]] = {}
 
     # ------------------------------------------------------------------ weights
@@ -167,8 +168,11 @@ class SIMOModule(L.LightningModule):
         return torch.stack(list(losses.values())).mean()
 
     # ------------------------------------------------------------------ steps
-    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor | None:
         _, losses = self.task_losses(batch)
+        guard = self.nonfinite_guard
+        if guard is not None and not guard.allows(losses, self.global_step):
+            return None  # Lightning skips the batch: no backward, no weight update
         total = self.combine_losses(losses)
         self._log_losses("train", losses, total, batch)
         self.samples_seen += batch["image"].shape[0]
@@ -276,6 +280,7 @@ class SIMOModule(L.LightningModule):
         metrics = {k.removeprefix("test/"): v for k, v in logs.items()}
         payload = {
             "tasks": self.tasks,
+            "trainable_params": self.trainable_parameters(),
             "metrics": {k: (None if math.isnan(v) else v) for k, v in metrics.items()},
         }
         atomic_write_text(path, json.dumps(payload, indent=2, sort_keys=True))

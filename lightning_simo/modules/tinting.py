@@ -1,0 +1,573 @@
+"""Model Tinting for dense tasks: label-free re-alignment of a merged SIMO model.
+
+After merging, only two small things train: the layer-wise merge coefficients
+``λ_{l,k}`` (one scalar per encoder parameter tensor ``l`` and task ``k``, so the merged encoder is
+``θ0 + Σ_k λ_{l,k} τ_{k,l}``) and, in ``tinting`` mode, one layer of each task's head (the
+"tinted" layer, by default the head's final 1x1 conv ``out``). No label is ever read: each task's
+own fine-tuned model (fine-tuned encoder + fine-tuned head) is the teacher, and the merged model is
+trained towards its predictions on unlabelled images:
+
+- segmentation: per-pixel cross-entropy to the teacher's argmax, keeping a pixel only when the
+  teacher may be trusted over the merged model (:func:`confidence_filter`);
+- depth-like and other regression tasks: L1 to the teacher's output;
+- normals: ``1 - cos`` to the normalised teacher output;
+- edges: binary cross-entropy to the teacher's sigmoid (soft targets: the teacher's uncertainty
+  on thin boundaries is kept instead of being rounded away).
+
+``adamerging`` mode trains the coefficients only, with the same teacher losses (the entropy
+objective of AdaMerging has no counterpart for regression maps, the teachers do).
+
+The schedule follows the released tinting code: manual optimisation, Adam without weight decay or
+schedule, and per batch one loss and one Adam step per task, visited in a shuffled order. Gradients
+are set to ``None`` before each step, so the tinted layers of the tasks not being visited receive
+no update from Adam's momentum.
+
+The MergeCallback builds the net (θ0, fine-tuned heads attached) and then calls
+:meth:`TintingModule.configure_tinting`. Its α (fixed or searched) only decides the encoder that is
+merged and reported before tinting; the coefficients of this module always start at
+``coefficient_init`` for every layer and task, as in the tinting reference (set ``coefficient_init``
+to the searched α to start from it).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from lightning_simo.models.encoders import EncoderConfig, EncoderOutput
+from lightning_simo.models.heads import HeadConfig
+from lightning_simo.modules.simo import SIMOModule
+
+__all__ = [
+    "TINT_MODES",
+    "LayerwiseMerge",
+    "TeacherCache",
+    "TintingModule",
+    "confidence_filter",
+    "task_order",
+    "teacher_targets",
+    "tint_loss",
+]
+
+TINT_MODES = ("tinting", "adamerging")
+"""``tinting``: coefficients + one tinted layer per task; ``adamerging``: coefficients only."""
+
+Targets = tuple[Tensor, ...]
+
+
+# ----------------------------------------------------------------------------- pseudo-labels
+def teacher_targets(kind: str, output: Tensor) -> Targets:
+    """What a teacher's raw output becomes as a training target for a task of ``kind``.
+
+    Only what the loss needs is kept (segmentation: argmax and its probability, not the full
+    logits), so cached targets stay small. Segmentation labels are ``int16``.
+    """
+    output = output.detach().float()
+    if kind == "segmentation":
+        confidence, labels = output.softmax(dim=1).max(dim=1)
+        return labels.to(torch.int16), confidence
+    if kind == "normals":
+        return (F.normalize(output, dim=1),)
+    if kind == "edges":
+        return (torch.sigmoid(output),)
+    if kind in ("depth", "regression"):
+        return (output,)
+    raise ValueError(f"Tinting has no pseudo-label loss for tasks of kind {kind!r}.")
+
+
+@torch.no_grad()
+def _keep_mask(student_logits: Tensor, labels: Tensor, teacher_confidence: Tensor) -> Tensor:
+    """Pixels whose pseudo-label is trusted: the two models agree, or the teacher is at least as
+    confident as the merged model (no fixed threshold)."""
+    confidence, prediction = student_logits.detach().float().softmax(dim=1).max(dim=1)
+    agree = prediction == labels.long()
+    return agree | (teacher_confidence >= confidence)
+
+
+def confidence_filter(student_logits: Tensor, teacher_logits: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-pixel pseudo-labels and which of them to train on.
+
+    Args:
+        student_logits: the merged model's logits ``B x C x H x W``.
+        teacher_logits: the fine-tuned model's logits, same shape.
+
+    Returns:
+        ``(targets, keep_mask)``: the teacher's argmax ``B x H x W`` (``int64``) and a boolean mask
+        that drops the pixels where the models disagree and the merged model is the more
+        confident one (its mistakes there are more likely the teacher's).
+    """
+    labels, confidence = teacher_targets("segmentation", teacher_logits)
+    return labels.long(), _keep_mask(student_logits, labels, confidence)
+
+
+def _masked_mean(values: Tensor, keep: Tensor) -> Tensor:
+    """Mean over kept entries; 0 (not NaN) when nothing is kept, and non-finite values at dropped
+    entries cannot leak into the result."""
+    kept = torch.where(keep, values, torch.zeros_like(values))
+    return kept.sum() / keep.sum().clamp_min(1)
+
+
+def tint_loss(kind: str, student: Tensor, targets: Targets) -> tuple[Tensor, Tensor | None]:
+    """The loss of the merged model's output against a teacher's targets (:func:`teacher_targets`).
+
+    Returns the loss and, for segmentation, the fraction of pixels the confidence filter kept
+    (``None`` for other kinds, which train on every pixel).
+    """
+    student = student.float()
+    if kind == "segmentation":
+        labels, confidence = targets
+        keep = _keep_mask(student, labels, confidence)
+        per_pixel = F.cross_entropy(student, labels.long(), reduction="none")
+        return _masked_mean(per_pixel, keep), keep.float().mean()
+    (target,) = targets
+    if kind == "normals":
+        cosine = (F.normalize(student, dim=1) * target).sum(dim=1)
+        return (1.0 - cosine).mean(), None
+    if kind == "edges":
+        return F.binary_cross_entropy_with_logits(student, target), None
+    if kind in ("depth", "regression"):
+        return (student - target).abs().mean(), None
+    raise ValueError(f"Tinting has no pseudo-label loss for tasks of kind {kind!r}.")
+
+
+def task_order(tasks: Sequence[str], step: int) -> list[str]:
+    """The tasks in a shuffled order that depends only on ``step`` (reproducible runs, and the
+    same order on every rank)."""
+    generator = torch.Generator().manual_seed(int(step))
+    return [tasks[i] for i in torch.randperm(len(tasks), generator=generator).tolist()]
+
+
+# ----------------------------------------------------------------------------- the merge
+class LayerwiseMerge(nn.Module):
+    """Trainable layer-wise task arithmetic ``θ0 + Σ_k λ_{l,k} τ_{k,l}``.
+
+    ``coefficients`` (``K x L``, persistent) are the only parameters. θ0 and the task vectors are
+    non-persistent buffers: they follow the module across devices but are rebuilt from the
+    single-task checkpoints on every run, so checkpoints stay the size of one model. The task
+    vectors of one tensor are stacked over tasks so each merged tensor is one ``tensordot``.
+
+    Args:
+        theta0: the pretrained encoder state (keys as ``Encoder.state_dict()``).
+        finetuned: one fine-tuned encoder state per task (same keys).
+        names: the parameter tensors to merge, in a fixed order (the columns of ``coefficients``).
+        init: initial value of every coefficient.
+        dtypes: dtype of each merged tensor (the encoder's parameter dtypes); float32 by default.
+    """
+
+    def __init__(
+        self,
+        theta0: Mapping[str, Tensor],
+        finetuned: Sequence[Mapping[str, Tensor]],
+        names: Sequence[str],
+        init: float,
+        dtypes: Mapping[str, torch.dtype] | None = None,
+    ) -> None:
+        super().__init__()
+        if not finetuned:
+            raise ValueError("LayerwiseMerge needs at least one fine-tuned state.")
+        self.names = list(names)
+        self.dtypes = dict(dtypes or {})
+        self.coefficients = nn.Parameter(torch.full((len(finetuned), len(self.names)), init))
+        for i, name in enumerate(self.names):
+            base = theta0[name].detach().float()
+            tau = torch.stack([ft[name].detach().float().to(base.device) - base for ft in finetuned])
+            self.register_buffer(f"theta0_{i}", base.clone(), persistent=False)
+            self.register_buffer(f"tau_{i}", tau, persistent=False)
+
+    @property
+    def num_tasks(self) -> int:
+        return int(self.coefficients.shape[0])
+
+    def clamped(self) -> Tensor:
+        """The coefficients as used by the merge: clamped to [0, 1] (keeps gradients inside)."""
+        return self.coefficients.clamp(0.0, 1.0)
+
+    @torch.no_grad()
+    def clamp_(self) -> None:
+        """Project the stored coefficients back to [0, 1] (after an optimiser step), so logged and
+        saved values are the ones the merge uses."""
+        self.coefficients.clamp_(0.0, 1.0)
+
+    def _cast(self, name: str, value: Tensor) -> Tensor:
+        return value.to(self.dtypes.get(name, value.dtype))
+
+    def merged(self) -> dict[str, Tensor]:
+        """The merged tensors (differentiable in the coefficients)."""
+        lam = self.clamped()
+        return {
+            name: self._cast(
+                name,
+                getattr(self, f"theta0_{i}") + torch.tensordot(lam[:, i], getattr(self, f"tau_{i}"), dims=1),
+            )
+            for i, name in enumerate(self.names)
+        }
+
+    def task_weights(self, k: int) -> dict[str, Tensor]:
+        """Task ``k``'s fine-tuned tensors ``θ0 + τ_k`` (the teacher's encoder)."""
+        return {
+            name: self._cast(name, getattr(self, f"theta0_{i}") + getattr(self, f"tau_{i}")[k])
+            for i, name in enumerate(self.names)
+        }
+
+
+# ----------------------------------------------------------------------------- teacher cache
+_FINGERPRINT_RTOL = 1e-6
+
+
+def _fingerprint(images: Tensor) -> Tensor:
+    """``B x 3`` signature per image: its sum, and sums weighted by column and by row position
+    (float64). Crops, rescales and colour changes move the sum; flips move the weighted sums."""
+    x = images.detach().double().sum(dim=1)  # B x H x W
+    rows = torch.linspace(0.0, 1.0, x.shape[-2], dtype=x.dtype, device=x.device)[:, None]
+    cols = torch.linspace(0.0, 1.0, x.shape[-1], dtype=x.dtype, device=x.device)[None, :]
+    return torch.stack([x.sum((1, 2)), (x * cols).sum((1, 2)), (x * rows).sum((1, 2))], dim=1)
+
+
+class TeacherCache:
+    """Teacher targets of the training samples, computed once per sample index and kept on CPU.
+
+    The teachers are frozen, so their targets for a given image never change; after the first
+    epoch tinting costs only the merged model. Valid only when a sample index always gives the same
+    image: a fingerprint of each cached image is compared on every hit, and a changed image
+    (augmented training data) raises instead of training on another image's targets.
+    """
+
+    def __init__(self) -> None:
+        self._targets: dict[int, dict[str, Targets]] = {}
+        self._prints: dict[int, Tensor] = {}
+        self.hits = 0
+        self.misses = 0
+
+    def __len__(self) -> int:
+        return len(self._targets)
+
+    def get(
+        self,
+        indices: Tensor,
+        images: Tensor,
+        compute: Callable[[Tensor], dict[str, Targets]],
+    ) -> dict[str, Targets]:
+        """Targets of every task for the batch; ``compute(images)`` is called on the misses only."""
+        keys = [int(i) for i in indices.tolist()]
+        prints = _fingerprint(images).cpu()
+        missing = [j for j, key in enumerate(keys) if key not in self._targets]
+        hit = [j for j, key in enumerate(keys) if key in self._targets]
+        if hit:
+            self._check_unchanged([keys[j] for j in hit], prints[hit])
+        if missing:
+            fresh = compute(images[missing])
+            for row, j in enumerate(missing):
+                self._targets[keys[j]] = {
+                    task: tuple(t[row].detach().cpu().clone() for t in parts)
+                    for task, parts in fresh.items()
+                }
+                self._prints[keys[j]] = prints[j]
+        self.misses += len(missing)
+        self.hits += len(hit)
+        entries = [self._targets[key] for key in keys]
+        return {
+            task: tuple(
+                torch.stack([e[task][p] for e in entries]).to(images.device, non_blocking=True)
+                for p in range(len(parts))
+            )
+            for task, parts in entries[0].items()
+        }
+
+    def _check_unchanged(self, keys: list[int], prints: Tensor) -> None:
+        stored = torch.stack([self._prints[k] for k in keys])
+        close = torch.isclose(stored, prints, rtol=_FINGERPRINT_RTOL, atol=1e-6).all(dim=1)
+        if bool(close.all()):
+            return
+        changed = keys[int((~close).nonzero()[0, 0])]
+        raise ValueError(
+            f"Teacher targets are cached per sample index, but training sample {changed} is not "
+            "the image they were computed on (is the training data augmented?). Train tinting on "
+            "un-augmented images (augment: false, or scales [1.0], hflip false, crop null) or set "
+            "model.init_args.cache_teachers: false."
+        )
+
+
+# ----------------------------------------------------------------------------- the module
+class TintingModule(SIMOModule):
+    """A merged SIMO model re-aligned by Model Tinting (or AdaMerging-style coefficients only).
+
+    Before :meth:`configure_tinting` has run it behaves like a :class:`SIMOModule` (e.g. ``test``
+    of the merged model with ``realign: none``); ``fit`` needs the MergeCallback with ``realign:
+    tinting`` or ``adamerging``. Validation, test and predict use the merged encoder with the
+    current coefficients and the tinted heads. Checkpoints store that merged encoder under
+    ``net.encoder.*`` (plus the coefficients), so a plain SIMOModule loading one
+    (``init_from`` / ``load_net_weights``) gets the re-aligned model.
+
+    Args:
+        tasks, num_classes, encoder, head, normal_loss, reference_metrics, metrics_file,
+            init_from: see :class:`SIMOModule`. ``lr``, ``head_lr``, ``weight_decay``,
+            ``warmup_fraction``, ``schedule``, ``freeze_encoder`` and ``probe_epochs`` are
+            accepted for config compatibility and unused: tinting has its own optimiser.
+        tint_layer: the module inside each head that is tinted (``out``: the final 1x1 conv of
+            every head of this project; any submodule name works).
+        coefficient_init: initial value of every merge coefficient λ (0.3 in the reference).
+        lr_coefficients: Adam learning rate of the coefficients.
+        lr_tinted: Adam learning rate of the tinted layers.
+        cache_teachers: compute the teachers' targets once per training sample (needs
+            un-augmented training data; checked).
+    """
+
+    def __init__(
+        self,
+        tasks: list[str],
+        num_classes: dict[str, int] | None = None,
+        encoder: EncoderConfig | None = None,
+        head: HeadConfig | None = None,
+        normal_loss: str = "cosine",
+        lr: float = 1e-4,
+        head_lr: float | None = None,
+        weight_decay: float = 1e-4,
+        warmup_fraction: float = 0.05,
+        schedule: str = "onecycle",
+        freeze_encoder: bool = False,
+        probe_epochs: int = 0,
+        init_from: str | None = None,
+        reference_metrics: list[str] | None = None,
+        metrics_file: str | None = None,
+        tint_layer: str = "out",
+        coefficient_init: float = 0.3,
+        lr_coefficients: float = 1e-2,
+        lr_tinted: float = 1e-2,
+        cache_teachers: bool = True,
+    ) -> None:
+        if not 0.0 <= coefficient_init <= 1.0:
+            raise ValueError(f"coefficient_init must lie in [0, 1], got {coefficient_init}.")
+        if lr_coefficients <= 0 or lr_tinted <= 0:
+            raise ValueError(
+                f"lr_coefficients and lr_tinted must be > 0, got {lr_coefficients}, {lr_tinted}."
+            )
+        super().__init__(
+            tasks=tasks,
+            num_classes=num_classes,
+            encoder=encoder,
+            head=head,
+            normal_loss=normal_loss,
+            lr=lr,
+            head_lr=head_lr,
+            weight_decay=weight_decay,
+            warmup_fraction=warmup_fraction,
+            schedule=schedule,
+            freeze_encoder=freeze_encoder,
+            probe_epochs=probe_epochs,
+            init_from=init_from,
+            reference_metrics=reference_metrics,
+            metrics_file=metrics_file,
+        )
+        self.automatic_optimization = False
+        self.tint_layer = tint_layer
+        self.coefficient_init = coefficient_init
+        self.lr_coefficients = lr_coefficients
+        self.lr_tinted = lr_tinted
+        self.tint_mode: str | None = None
+        self.layer_merge: LayerwiseMerge | None = None
+        self.teacher_cache: TeacherCache | None = TeacherCache() if cache_teachers else None
+        # frozen copies of the fine-tuned heads and the fine-tuned encoders' buffers (e.g.
+        # BatchNorm statistics); kept out of the state dict, they are rebuilt from the checkpoints
+        self._teacher_heads: dict[str, nn.Module] = {}
+        self._teacher_buffers: list[dict[str, Tensor]] = []
+
+    # ------------------------------------------------------------------ set-up (MergeCallback)
+    def configure_tinting(
+        self,
+        theta0: dict[str, Tensor],
+        finetuned: list[dict[str, Tensor]],
+        fine_tuned_heads: dict[str, dict[str, Tensor]],
+        mode: str,
+    ) -> None:
+        """Create the coefficients, the teachers and the tinted layers; freeze everything else.
+
+        Called once by the MergeCallback in ``setup``, before optimizers exist and before a
+        checkpoint is restored (a resumed run gets its coefficients and tinted layers back).
+
+        Args:
+            theta0: the pretrained encoder state.
+            finetuned: the fine-tuned encoder states, in the order of this module's tasks.
+            fine_tuned_heads: each task's fine-tuned head state.
+            mode: ``tinting`` or ``adamerging``.
+        """
+        if mode not in TINT_MODES:
+            raise ValueError(f"Tinting mode must be one of {TINT_MODES}, got {mode!r}.")
+        if self.layer_merge is not None:
+            raise ValueError("Tinting is already configured for this module.")
+        if len(finetuned) != len(self.tasks):
+            raise ValueError(
+                f"Got {len(finetuned)} fine-tuned encoders for {len(self.tasks)} tasks {self.tasks}."
+            )
+        missing = [t for t in self.tasks if t not in fine_tuned_heads]
+        if missing:
+            raise ValueError(f"No fine-tuned head given for task(s) {missing}.")
+        encoder = self.net.encoder
+        params = [
+            (n, p) for n, p in encoder.named_parameters()
+            if n.startswith("backbone.") and p.is_floating_point()
+        ]
+        for state, label in [(theta0, "the pretrained encoder")] + [
+            (ft, f"the fine-tuned {t} encoder") for ft, t in zip(finetuned, self.tasks, strict=True)
+        ]:
+            absent = [n for n, _ in params if n not in state]
+            if absent:
+                raise ValueError(f"{label} has no tensor {absent[0]!r} ({len(absent)} missing).")
+        device = params[0][1].device if params else torch.device("cpu")
+        names = [n for n, _ in params]
+        theta0_dev = {n: theta0[n].to(device) for n in names}
+        self.layer_merge = LayerwiseMerge(
+            theta0_dev, finetuned, names, self.coefficient_init, {n: p.dtype for n, p in params}
+        )
+        buffer_names = {n for n, _ in encoder.named_buffers()}
+        self._teacher_buffers = [
+            {n: v.detach().clone() for n, v in ft.items() if n in buffer_names} for ft in finetuned
+        ]
+
+        self.net.requires_grad_(False)
+        for task in self.tasks:
+            head = self.net.heads[task]
+            head.load_state_dict(fine_tuned_heads[task])
+            teacher = copy.deepcopy(head).eval()
+            teacher.requires_grad_(False)
+            self._teacher_heads[task] = teacher
+            if mode == "tinting":
+                self._tinted(task).requires_grad_(True)
+        self.tint_mode = mode
+
+    def _tinted(self, task: str) -> nn.Module:
+        head = self.net.heads[task]
+        try:
+            layer = head.get_submodule(self.tint_layer)
+        except AttributeError:
+            names = [n for n, m in head.named_modules() if n and any(m.parameters(recurse=False))]
+            raise ValueError(
+                f"The {task!r} head has no layer {self.tint_layer!r} to tint; layers with "
+                f"weights: {', '.join(names)}."
+            ) from None
+        if not any(True for _ in layer.parameters()):
+            raise ValueError(f"Layer {self.tint_layer!r} of the {task!r} head has no weights.")
+        return layer
+
+    def tinted_parameters(self) -> list[nn.Parameter]:
+        """The trainable parameters of the tinted layers (none in ``adamerging`` mode)."""
+        if self.tint_mode != "tinting":
+            return []
+        return [p for t in self.tasks for p in self._tinted(t).parameters()]
+
+    # ------------------------------------------------------------------ forward
+    def merged_features(self, images: Tensor) -> EncoderOutput:
+        """Encoder features with the merged weights of the current coefficients."""
+        if self.layer_merge is None:
+            return self.net.encoder(images)
+        return functional_call(self.net.encoder, self.layer_merge.merged(), (images,))
+
+    def encode(self, batch: Mapping[str, Tensor]) -> EncoderOutput:
+        if self.layer_merge is None:
+            return super().encode(batch)
+        return self.merged_features(batch["image"])
+
+    def forward(self, images: Tensor) -> dict[str, Tensor]:
+        return self.net.forward_heads(self.merged_features(images))
+
+    @torch.no_grad()
+    def teacher_outputs(self, images: Tensor) -> dict[str, Tensor]:
+        """Each task's fine-tuned model (fine-tuned encoder + untouched fine-tuned head) on
+        ``images``, resized to the image size."""
+        if self.layer_merge is None:
+            raise ValueError("Teachers exist only after configure_tinting.")
+        size = images.shape[-2:]
+        out = {}
+        for k, task in enumerate(self.tasks):
+            state = self.layer_merge.task_weights(k)
+            state.update({n: b.to(images.device) for n, b in self._teacher_buffers[k].items()})
+            feats = functional_call(self.net.encoder, state, (images,))
+            pred = self._teacher_heads[task].to(images.device)(feats)
+            if pred.shape[-2:] != size:
+                pred = F.interpolate(pred, size=size, mode="bilinear", align_corners=False)
+            out[task] = pred
+        return out
+
+    def _compute_targets(self, images: Tensor) -> dict[str, Targets]:
+        return {
+            task: teacher_targets(self.task_specs[task].kind, pred)
+            for task, pred in self.teacher_outputs(images).items()
+        }
+
+    def batch_targets(self, batch: Mapping[str, Tensor]) -> dict[str, Targets]:
+        """The teachers' targets for a training batch (from the cache when enabled)."""
+        images = batch["image"]
+        if self.teacher_cache is None or "index" not in batch:
+            return self._compute_targets(images)
+        return self.teacher_cache.get(batch["index"], images, self._compute_targets)
+
+    # ------------------------------------------------------------------ training
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        if self.layer_merge is None:
+            raise ValueError(_NOT_CONFIGURED)
+        # frozen parts must not update BatchNorm statistics or use dropout
+        self.net.eval()
+        images = batch["image"]
+        n = int(images.shape[0])
+        targets = self.batch_targets(batch)
+        optimizer = self.optimizers()
+        losses = []
+        for task in task_order(self.tasks, self.global_step):
+            optimizer.zero_grad(set_to_none=True)
+            pred = self.net.forward_heads(self.merged_features(images), [task])[task]
+            loss, kept = tint_loss(self.task_specs[task].kind, pred, targets[task])
+            self.manual_backward(loss)
+            optimizer.step()
+            self.layer_merge.clamp_()
+            losses.append(loss.detach())
+            self.log(f"train/{task}/tint_loss", loss.detach(), batch_size=n, on_step=True,
+                     on_epoch=True)
+            if kept is not None:
+                self.log(f"train/{task}/kept_fraction", kept, batch_size=n, on_step=True,
+                         on_epoch=True)
+        self.log("train/loss", torch.stack(losses).mean(), batch_size=n, on_step=True,
+                 on_epoch=True, prog_bar=True)
+        lam = self.layer_merge.coefficients.detach()
+        self.log("train/lambda_mean", lam.mean(), on_step=True, on_epoch=False)
+        for k, task in enumerate(self.tasks):
+            self.log(f"train/{task}/lambda_mean", lam[k].mean(), on_step=True, on_epoch=False)
+        self.samples_seen += n
+
+    def configure_optimizers(self) -> Any:
+        if self.layer_merge is None:
+            raise ValueError(_NOT_CONFIGURED)
+        groups: list[dict[str, Any]] = [
+            {"params": [self.layer_merge.coefficients], "lr": self.lr_coefficients,
+             "name": "coefficients"}
+        ]
+        tinted = self.tinted_parameters()
+        if tinted:
+            groups.append({"params": tinted, "lr": self.lr_tinted, "name": "tinted"})
+        return torch.optim.Adam(groups, weight_decay=0.0)
+
+    # ------------------------------------------------------------------ checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Store the merged encoder of the current coefficients under ``net.encoder.*``."""
+        if self.layer_merge is None:
+            return
+        state = checkpoint.get("state_dict")
+        if state is None:
+            return
+        with torch.no_grad():
+            merged = self.layer_merge.merged()
+        for name, value in merged.items():
+            key = f"net.encoder.{name}"
+            if key in state:
+                state[key] = value.detach().to(state[key].dtype).clone()
+
+
+_NOT_CONFIGURED = (
+    "TintingModule trains only what Model Tinting sets up: add the MergeCallback with "
+    "merge.realign: tinting (or adamerging) to the config; for other re-alignment modes use "
+    "lightning_simo.modules.simo.SIMOModule."
+)

@@ -1,0 +1,357 @@
+"""Bad input through the real command line: one clear error line, no traceback, no outputs.
+
+Every row runs ``python -m lightning_simo fit`` in a subprocess on a tiny configuration (a 4-block,
+width-32 ViT and a handful of 32x40 scenes) with one thing wrong, and checks what a user sees: a
+non-zero exit, one ``lightning_simo: error:`` line naming the problem and its fix, no Python
+traceback, and a run folder without checkpoints or result files (nothing half-written that a
+later stage could pick up).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from conftest import TINY_VIT
+
+from lightning_simo.data.synthetic import NUM_CLASSES, write_nyuv2_layout
+from lightning_simo.modules.simo import SIMOModule
+
+REPO = Path(__file__).resolve().parents[1]
+SINGLE_TASK = REPO / "configs" / "synthetic" / "single_task.yaml"
+MERGE = REPO / "configs" / "synthetic" / "merge.yaml"
+MERGE_TASKS = ("segmentation", "depth", "normals")
+OUTPUT_SUFFIXES = {".ckpt", ".pt", ".pth", ".safetensors", ".json", ".csv", ".md", ".png", ".tmp"}
+ERROR_PREFIX = "lightning_simo: error:"
+
+
+# ----------------------------------------------------------------------------- helpers
+def tiny_encoder(**kwargs: object) -> dict:
+    encoder = {**TINY_VIT, "model_kwargs": dict(TINY_VIT["model_kwargs"]), "checkpoint": None}
+    encoder["model_kwargs"].update(kwargs)
+    return encoder
+
+
+def tiny_overrides(root: Path) -> dict:
+    """A config layered over the repo's synthetic configs: tiny model, data and trainer."""
+    return {
+        "trainer": {
+            "max_epochs": 1,
+            "max_steps": 2,
+            "default_root_dir": str(root),
+            "logger": False,
+            "enable_progress_bar": False,
+            "enable_model_summary": False,
+            "num_sanity_val_steps": 0,
+            "callbacks": [
+                {
+                    "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                    "init_args": {"dirpath": "{root}/checkpoints", "save_last": True},
+                }
+            ],
+        },
+        "model": {"init_args": {"encoder": tiny_encoder()}},
+        "data": {
+            "init_args": {
+                "num_train": 8,
+                "num_val": 4,
+                "num_test": 4,
+                "height": 32,
+                "width": 40,
+                "batch_size": 4,
+            }
+        },
+    }
+
+
+def write_yaml(path: Path, content: dict) -> Path:
+    path.write_text(yaml.safe_dump(content, sort_keys=False))
+    return path
+
+
+def run_cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    env.pop("LIGHTNING_SIMO_DEBUG", None)
+    return subprocess.run(
+        [sys.executable, "-m", "lightning_simo", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+def outputs_in(folder: Path) -> list[Path]:
+    """Checkpoints, result tables, metrics files, figures and temporary files under ``folder``."""
+    if not folder.exists():
+        return []
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix in OUTPUT_SUFFIXES)
+
+
+def fake_single_task_checkpoint(path: Path, task: str, seed: int, **encoder_kwargs: object) -> Path:
+    """A single-task SIMOModule checkpoint (``state_dict`` entry) with moved encoder weights."""
+    torch.manual_seed(seed)
+    num_classes = {"segmentation": NUM_CLASSES} if task == "segmentation" else None
+    module = SIMOModule(
+        tasks=[task],
+        num_classes=num_classes,
+        encoder=tiny_encoder(**encoder_kwargs),
+        head={"kind": "linear", "upsample": 4},
+    )
+    with torch.no_grad():
+        for param in module.net.encoder.parameters():
+            param.add_(0.01 * torch.randn_like(param))
+    torch.save({"state_dict": module.state_dict()}, path)
+    return path
+
+
+class WritesAFile:
+    """Pickles as a call to ``open(path, "w")``: unpickling it creates ``path``."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = str(path)
+
+    def __reduce__(self) -> tuple:
+        return (open, (self.path, "w"))
+
+
+@pytest.fixture(scope="module")
+def task_checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("single_task")
+    return {
+        task: fake_single_task_checkpoint(folder / f"{task}.ckpt", task, seed=i)
+        for i, task in enumerate(MERGE_TASKS)
+    }
+
+
+# ----------------------------------------------------------------------------- one row
+@dataclass
+class Setup:
+    """What a row prepares in its own folder."""
+
+    tmp: Path
+    run_dir: Path
+    checkpoints: dict[str, Path]
+
+    def single_task(self, *extra: str, overrides: dict | None = None) -> list[str]:
+        config = tiny_overrides(self.run_dir)
+        for section, values in (overrides or {}).items():
+            config.setdefault(section, {}).update(values)
+        tiny = write_yaml(self.tmp / "tiny.yaml", config)
+        return ["fit", "--config", str(SINGLE_TASK), "--config", str(tiny), *extra]
+
+    def merge(self, *extra: str, checkpoints: dict[str, Path] | None = None) -> list[str]:
+        config = tiny_overrides(self.run_dir)
+        config["data"]["init_args"]["tasks"] = list(MERGE_TASKS)
+        config["merge"] = {
+            "checkpoints": {t: str(p) for t, p in {**self.checkpoints, **(checkpoints or {})}.items()},
+            "search_grid": [0.0, 1.0],
+        }
+        tiny = write_yaml(self.tmp / "tiny.yaml", config)
+        return ["fit", "--config", str(MERGE), "--config", str(tiny), *extra]
+
+    def nyuv2(self, *extra: str, root: Path | None = None, tasks: list[str] | None = None,
+              edit: Callable[[Path], None] | None = None) -> list[str]:
+        if root is None:
+            root = write_nyuv2_layout(self.tmp / "nyuv2", {"train": 4, "val": 4}, 28, 42)
+            if edit is not None:
+                edit(root)
+        data = {
+            "class_path": "lightning_simo.data.nyuv2.NYUv2DataModule",
+            "init_args": {
+                "root": str(root),
+                "tasks": tasks or ["segmentation", "depth"],
+                "crop": None,
+                "num_val": 2,
+                "batch_size": 4,
+            },
+        }
+        config = tiny_overrides(self.run_dir)
+        config["data"] = data
+        tiny = write_yaml(self.tmp / "tiny.yaml", config)
+        # the synthetic datamodule's own arguments do not apply to NYUv2: start from the model
+        return ["fit", "--config", str(SINGLE_TASK), "--data", "null", "--config", str(tiny),
+                *extra]
+
+
+def _save(path: Path, array: np.ndarray) -> None:
+    np.save(path, array)
+
+
+def _set_pixel(folder: str, value: float) -> Callable[[Path], None]:
+    def edit(root: Path) -> None:
+        path = root / "train" / folder / "0.npy"
+        array = np.load(path)
+        array.reshape(-1)[5] = value
+        _save(path, array)
+
+    return edit
+
+
+def _corrupt(root: Path) -> None:
+    (root / "train" / "image" / "0.npy").write_bytes(b"\x93NUMPY garbage, not an array")
+
+
+def _drop_folder(root: Path) -> None:
+    shutil.rmtree(root / "train" / "depth")
+
+
+def _drop_file(root: Path) -> None:
+    (root / "train" / "depth" / "3.npy").unlink()
+
+
+def _truncated(s: Setup) -> list[str]:
+    good = s.checkpoints["depth"].read_bytes()
+    bad = s.tmp / "truncated.ckpt"
+    bad.write_bytes(good[: len(good) // 2])
+    return s.merge(checkpoints={"depth": bad})
+
+
+def _other_width(s: Setup) -> list[str]:
+    wide = fake_single_task_checkpoint(s.tmp / "wide.ckpt", "depth", seed=5, embed_dim=48)
+    return s.merge(checkpoints={"depth": wide})
+
+
+def _other_encoder_for_init(s: Setup) -> list[str]:
+    wide = fake_single_task_checkpoint(s.tmp / "wide.ckpt", "segmentation", seed=5, embed_dim=48)
+    return s.single_task("--model.init_args.encoder", f"{{checkpoint: {wide}}}")
+
+
+def _lacks_head(s: Setup) -> list[str]:
+    return s.merge(checkpoints={"segmentation": s.checkpoints["depth"]})
+
+
+def _pickled_code(s: Setup) -> list[str]:
+    bad = s.tmp / "code.ckpt"
+    torch.save({"state_dict": {"weight": WritesAFile(s.tmp / "marker")}}, bad)
+    return s.single_task("--model.init_args.encoder", f"{{checkpoint: {bad}}}")
+
+
+def _unwritable(s: Setup) -> list[str]:
+    (s.tmp / "afile").write_text("a file, not a folder")
+    s.run_dir = s.tmp / "afile" / "sub"
+    return s.single_task()
+
+
+def _yaml_typo(s: Setup) -> list[str]:
+    typo = write_yaml(s.tmp / "typo.yaml", {"model": {"init_args": {"lr_typo": 1.0}}})
+    return [*s.single_task(), "--config", str(typo)]
+
+
+@dataclass(frozen=True)
+class Row:
+    name: str
+    build: Callable[[Setup], list[str]]
+    keywords: tuple[str, ...]
+    """Words the error must contain (case-insensitive): the problem and the fix."""
+
+
+ROWS = [
+    Row("missing data root",
+        lambda s: s.nyuv2(root=s.tmp / "no_such_dataset"),
+        ("no_such_dataset", "does not exist", "data.init_args.root")),
+    Row("wrong layout: task folder missing",
+        lambda s: s.nyuv2(edit=_drop_folder),
+        ("depth", "does not exist", "layout")),
+    Row("mismatched file counts",
+        lambda s: s.nyuv2(edit=_drop_file),
+        ("holds 3 files", "holds 4", "one file per image")),
+    Row("corrupt array file",
+        lambda s: s.nyuv2(edit=_corrupt),
+        ("0.npy", "corrupt", "re-extract")),
+    Row("label value out of range",
+        lambda s: s.nyuv2(edit=_set_pixel("label", 20.0)),
+        ("label value 20", "outside", "class count")),
+    Row("NaN depth",
+        lambda s: s.nyuv2(edit=_set_pixel("depth", float("nan"))),
+        ("depth map", "nan", "0.npy")),
+    Row("negative depth",
+        lambda s: s.nyuv2(edit=_set_pixel("depth", -1.0)),
+        ("depth map", "negative", "-1", "0 = invalid")),
+    Row("unknown task",
+        lambda s: s.single_task("--data.init_args.tasks", "[segmentatoin]"),
+        ("unknown task 'segmentatoin'", "known tasks", "segmentation")),
+    Row("task not provided by the dataset",
+        lambda s: s.nyuv2(tasks=["edges"]),
+        ("'edges' is not provided by nyuv2datamodule", "carries", "segmentation")),
+    Row("missing encoder checkpoint",
+        lambda s: s.single_task("--model.init_args.encoder", "{checkpoint: /nope.ckpt}"),
+        ("not found", "/nope.ckpt", "check the path")),
+    Row("missing merge checkpoint",
+        lambda s: s.merge(checkpoints={"normals": s.tmp / "nope.ckpt"}),
+        ("not found", "nope.ckpt", "check the path")),
+    Row("truncated checkpoint", _truncated,
+        ("truncated.ckpt", "not a readable checkpoint", "truncated or corrupt")),
+    Row("checkpoint of another encoder (merge)", _other_width,
+        ("wide.ckpt", "shape")),
+    Row("checkpoint of another encoder (init)", _other_encoder_for_init,
+        ("wide.ckpt", "another encoder", "same encoder settings")),
+    Row("checkpoint without the task's head", _lacks_head,
+        ("segmentation", "no head", "heads found: depth")),
+    Row("checkpoint holding pickled code", _pickled_code,
+        ("code.ckpt", "refused", "not executed", "state dict")),
+    Row("alpha below zero",
+        lambda s: s.merge("--merge.scaling", "-1"),
+        ("scaling", ">= 0", "-1")),
+    Row("density above one",
+        lambda s: s.merge("--merge.method", "ties", "--merge.method_options", "{density: 1.5}"),
+        ("density", "1.5")),
+    Row("empty re-alignment budget",
+        lambda s: s.single_task("--data.init_args.train_budget", "0"),
+        ("budget", "empty", "at least 1")),
+    Row("unwritable output folder", _unwritable,
+        ("afile", "output folder", "default_root_dir")),
+]
+
+
+@pytest.mark.parametrize("row", ROWS, ids=[r.name for r in ROWS])
+def test_bad_input_fails_cleanly(
+    row: Row, tmp_path: Path, task_checkpoints: dict[str, Path]
+) -> None:
+    setup = Setup(tmp_path, tmp_path / "run", task_checkpoints)
+    args = row.build(setup)
+    proc = run_cli(args, tmp_path)
+
+    assert proc.returncode != 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-4000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith(ERROR_PREFIX)]
+    assert len(errors) == 1, proc.stderr[-4000:]
+    # the message may go on with a layout tree; its first line must name problem and fix
+    message = errors[0].lower()
+    for word in row.keywords:
+        assert word.lower() in message, f"{word!r} not in {errors[0]!r}"
+    assert outputs_in(setup.run_dir) == []
+    assert not (tmp_path / "marker").exists()
+
+
+def test_pickled_payload_would_run_if_unpickled(tmp_path: Path) -> None:
+    """The refused checkpoint above is really dangerous: an unsafe load creates the file."""
+    path = tmp_path / "code.ckpt"
+    torch.save({"state_dict": {"weight": WritesAFile(tmp_path / "marker")}}, path)
+    torch.load(path, weights_only=False)
+    assert (tmp_path / "marker").exists()
+
+
+@pytest.mark.parametrize("where", ["command line", "yaml"])
+def test_config_key_typo_names_the_key(where: str, tmp_path: Path) -> None:
+    setup = Setup(tmp_path, tmp_path / "run", {})
+    if where == "yaml":
+        args = _yaml_typo(setup)
+    else:
+        args = setup.single_task("--model.init_args.lr_typo", "1")
+    proc = run_cli(args, tmp_path)
+
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr, proc.stderr[-4000:]
+    assert "lr_typo" in proc.stderr
+    assert outputs_in(setup.run_dir) == []
