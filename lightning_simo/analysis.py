@@ -28,6 +28,7 @@ from matplotlib.figure import Figure
 from torch import Tensor, nn
 
 from lightning_simo.checkpoints import encoder_state_dict, head_state_dicts, load_state_dict
+from lightning_simo.data.base import SPLITS, DenseDataModule
 from lightning_simo.evaluation import evaluate_net, normalized_performance
 from lightning_simo.io import atomic_write, atomic_write_text, ensure_writable_dir
 from lightning_simo.merging.task_vectors import (
@@ -65,7 +66,9 @@ def lambda_grid(num: int = 16, max_lambda: float = 1.5) -> list[float]:
     """``num`` evenly spaced λ from 0 to ``max_lambda``, computed as ``max·i/(num-1)``.
 
     Computing each point directly (rather than accumulating a step) keeps round grids exact:
-    the default grid holds 1.0 itself, where a task vector reproduces its fine-tuned model.
+    the default grid holds 1.0 itself, where a task vector reproduces its fine-tuned model. A
+    grid holds 1.0 when ``(num - 1) / max_lambda`` is a whole number (4, 7, 10, 13 or 16 points
+    up to 1.5).
     """
     if num < 2:
         raise ValueError(f"A λ sweep needs at least 2 points, got {num}.")
@@ -111,15 +114,18 @@ def _restored(net: nn.Module) -> Iterator[None]:
         net.load_state_dict(saved)
 
 
-def _encoders(theta0: StateDict, finetuned: Mapping[str, StateDict]) -> tuple[
-    dict[str, Tensor], dict[str, dict[str, Tensor]]
-]:
+def _encoders(
+    theta0: StateDict, finetuned: Mapping[str, StateDict]
+) -> tuple[dict[str, Tensor], dict[str, dict[str, Tensor]]]:
     """Encoder weights keyed alike (``backbone.*``), checked to come from the same backbone."""
     base = encoder_state_dict(theta0)
     encoders = {t: encoder_state_dict(s) for t, s in finetuned.items()}
-    check_compatible(base, list(encoders.values()),
-                     names=[f"{t} checkpoint" for t in encoders],
-                     reference_name="pretrained encoder")
+    check_compatible(
+        base,
+        list(encoders.values()),
+        names=[f"{t} checkpoint" for t in encoders],
+        reference_name="pretrained encoder",
+    )
     return base, encoders
 
 
@@ -133,7 +139,13 @@ def _attach_heads(net: nn.Module, finetuned: Mapping[str, StateDict]) -> None:
                 f"{', '.join(sorted(heads)) or 'none'}); pass the single-task checkpoint's full "
                 "state dict."
             )
-        net.heads[task].load_state_dict(heads[task])
+        try:
+            net.heads[task].load_state_dict(heads[task])
+        except RuntimeError as err:
+            raise ValueError(
+                f"The {task!r} head of its checkpoint does not fit the model's head (different "
+                f"class count or head kind): {str(err).splitlines()[-1].strip()}"
+            ) from None
 
 
 def _load_encoder(net: nn.Module, state: StateDict) -> None:
@@ -225,16 +237,18 @@ def lambda_sweep(
                 values = evaluate_net(net, loader, tasks, device, max_batches)
                 for task, spec in tasks.items():
                     key = f"{task}/{spec.primary}"
-                    rows.append({
-                        "source_task": source,
-                        "lambda": float(lam),
-                        "task": task,
-                        "metric": spec.primary,
-                        "value": values[key],
-                        "normalized": normalized_performance(
-                            values[key], baseline[key], spec.higher_is_better
-                        ),
-                    })
+                    rows.append(
+                        {
+                            "source_task": source,
+                            "lambda": float(lam),
+                            "task": task,
+                            "metric": spec.primary,
+                            "value": values[key],
+                            "normalized": normalized_performance(
+                                values[key], baseline[key], spec.higher_is_better
+                            ),
+                        }
+                    )
                 if on_step is not None:
                     on_step(f"τ_{source} λ={lam:g}")
     return rows
@@ -274,10 +288,20 @@ def plot_lambda_sweep(rows: Sequence[Mapping[str, Any]]) -> Figure:
     colors = {t: f"C{i}" for i, t in enumerate(tasks)}
     for ax, source in zip(axes, sources):
         for task in tasks:
-            points = sorted((r["lambda"], r["normalized"]) for r in rows
-                            if r["source_task"] == source and r["task"] == task)
-            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", markersize=3,
-                    color=colors[task], linewidth=2.2 if task == source else 1.2, label=task)
+            points = sorted(
+                (r["lambda"], r["normalized"])
+                for r in rows
+                if r["source_task"] == source and r["task"] == task
+            )
+            ax.plot(
+                [p[0] for p in points],
+                [p[1] for p in points],
+                marker="o",
+                markersize=3,
+                color=colors[task],
+                linewidth=2.2 if task == source else 1.2,
+                label=task,
+            )
         ax.axhline(1.0, linestyle="--", color="0.35", linewidth=1)
         ax.axvline(1.0, linestyle=":", color="0.6", linewidth=1)
         ax.set_title(f"θ0 + λ·τ_{source}")
@@ -288,8 +312,9 @@ def plot_lambda_sweep(rows: Sequence[Mapping[str, Any]]) -> Figure:
     return fig
 
 
-def plot_similarity(cos: Tensor | Sequence[Sequence[float]], norms: Tensor | Sequence[float],
-                    names: Sequence[str]) -> Figure:
+def plot_similarity(
+    cos: Tensor | Sequence[Sequence[float]], norms: Tensor | Sequence[float], names: Sequence[str]
+) -> Figure:
     """Heatmap of the task vectors' pairwise cosine similarities, values written in the cells
     and each vector's norm in its label (a long vector dominates a sum even when aligned)."""
     matrix = torch.as_tensor(cos, dtype=torch.float64)
@@ -309,8 +334,14 @@ def plot_similarity(cos: Tensor | Sequence[Sequence[float]], norms: Tensor | Seq
     for i in range(n):
         for j in range(n):
             value = float(matrix[i, j])
-            ax.text(j, i, f"{value:.2f}", ha="center", va="center",
-                    color="white" if abs(value) > 0.6 else "black")
+            ax.text(
+                j,
+                i,
+                f"{value:.2f}",
+                ha="center",
+                va="center",
+                color="white" if abs(value) > 0.6 else "black",
+            )
     ax.set_title("cosine similarity of task vectors")
     fig.colorbar(image, ax=ax, shrink=0.8)
     return fig
@@ -338,7 +369,7 @@ class AnalysisInputs:
     tasks: dict[str, Task]
     theta0: dict[str, Tensor]
     finetuned: dict[str, dict[str, Tensor]]
-    datamodule: Any
+    datamodule: DenseDataModule
     device: torch.device
     root_dir: Path
 
@@ -367,8 +398,11 @@ def inputs_from_config(config: str | Path, overrides: Sequence[str] = ()) -> Ana
     missing = [t for t in tasks if t not in merge.checkpoints]
     if missing:
         raise ValueError(f"{config}: merge.checkpoints has no checkpoint for task(s) {missing}.")
-    theta0 = (encoder_state_dict(load_state_dict(merge.pretrained)) if merge.pretrained
-              else {k: v.detach().clone() for k, v in net.encoder.state_dict().items()})
+    theta0 = (
+        encoder_state_dict(load_state_dict(merge.pretrained))
+        if merge.pretrained
+        else {k: v.detach().clone() for k, v in net.encoder.state_dict().items()}
+    )
     return AnalysisInputs(
         net=net,
         tasks=dict(tasks),
@@ -405,11 +439,22 @@ def run_analysis(
         def advance(label: str) -> None:
             bar.update(job, advance=1, description=label)
 
-        common = {"loader": loader, "tasks": inputs.tasks, "device": inputs.device,
-                  "max_batches": max_batches, "on_step": advance}
+        common = {
+            "loader": loader,
+            "tasks": inputs.tasks,
+            "device": inputs.device,
+            "max_batches": max_batches,
+            "on_step": advance,
+        }
         baseline = single_task_baseline(inputs.net, inputs.finetuned, **common)
-        rows = lambda_sweep(inputs.net, inputs.theta0, inputs.finetuned, lambdas=lambdas,
-                            baseline=baseline, **common)
+        rows = lambda_sweep(
+            inputs.net,
+            inputs.theta0,
+            inputs.finetuned,
+            lambdas=lambdas,
+            baseline=baseline,
+            **common,
+        )
     names, cos, lengths = task_vector_similarity(inputs.theta0, inputs.finetuned)
 
     header = ["source_task", "lambda", "task", "metric", "value", "normalized"]
@@ -419,13 +464,16 @@ def run_analysis(
         ),
         "task_vectors.csv": atomic_write_text(
             out_dir / "task_vectors.csv",
-            _csv_text(["task", "norm", *(f"cos_{n}" for n in names)],
-                      ([n, float(lengths[i]), *(float(c) for c in cos[i])]
-                       for i, n in enumerate(names))),
+            _csv_text(
+                ["task", "norm", *(f"cos_{n}" for n in names)],
+                ([n, float(lengths[i]), *(float(c) for c in cos[i])] for i, n in enumerate(names)),
+            ),
         ),
     }
-    figures = {"lambda_sweep": plot_lambda_sweep(rows),
-               "task_vectors": plot_similarity(cos, lengths, names)}
+    figures = {
+        "lambda_sweep": plot_lambda_sweep(rows),
+        "task_vectors": plot_similarity(cos, lengths, names),
+    }
     writer = SummaryWriter(str(out_dir / "tb"))
     try:
         for stem, fig in figures.items():
@@ -444,21 +492,41 @@ def _parser() -> Any:
     parser = ArgumentParser(
         prog="lightning_simo analyze",
         description="Task relationships of the single-task checkpoints named in a merge config: "
-                    "a λ sweep along each task vector and the vectors' cosine similarities and "
-                    "norms. Arguments after `--` (or in --override) go to the config, e.g. "
-                    "`-- --trainer.default_root_dir runs/x`.",
+        "a λ sweep along each task vector and the vectors' cosine similarities and "
+        "norms. Arguments after `--` (or in --override) go to the config, e.g. "
+        "`-- --trainer.default_root_dir runs/x`.",
     )
-    parser.add_argument("--config", type=str, required=True,
-                        help="the merge config (the YAML used with `lightning_simo fit`)")
-    parser.add_argument("--lambdas", type=int, default=16, help="number of λ points")
+    parser.add_argument(
+        "--config",
+        type=str,
+        required=True,
+        help="the merge config (the YAML used with `lightning_simo fit`)",
+    )
+    parser.add_argument(
+        "--lambdas",
+        type=int,
+        default=16,
+        help="number of λ points, evenly spaced from 0 (16 up to 1.5 hits 1.0)",
+    )
     parser.add_argument("--max_lambda", type=float, default=1.5, help="largest λ")
-    parser.add_argument("--split", type=str, default="val", help="split to evaluate on")
-    parser.add_argument("--out", type=str | None, default=None,
-                        help="output folder (default <trainer.default_root_dir>/analysis)")
-    parser.add_argument("--max_batches", type=int | None, default=None,
-                        help="evaluate on at most this many batches")
-    parser.add_argument("--override", type=list[str], default=[],
-                        help="extra config arguments, e.g. '[--merge.pretrained=x.ckpt]'")
+    parser.add_argument(
+        "--split", type=str, default="val", help="split to evaluate on (train, val, test)"
+    )
+    parser.add_argument(
+        "--out",
+        type=str | None,
+        default=None,
+        help="output folder (default <trainer.default_root_dir>/analysis)",
+    )
+    parser.add_argument(
+        "--max_batches", type=int | None, default=None, help="evaluate on at most this many batches"
+    )
+    parser.add_argument(
+        "--override",
+        type=list[str],
+        default=[],
+        help="extra config arguments, e.g. '[--merge.pretrained=x.ckpt]'",
+    )
     return parser
 
 
@@ -468,8 +536,10 @@ def parse_args(args: Sequence[str]) -> tuple[Any, list[str]]:
     extra: list[str] = []
     if "--" in argv:
         cut = argv.index("--")
-        argv, extra = argv[:cut], argv[cut + 1:]
+        argv, extra = argv[:cut], argv[cut + 1 :]
     options = _parser().parse_args(argv)
+    if options.split not in SPLITS:
+        raise ValueError(f"--split must be one of {SPLITS}, got {options.split!r}.")
     if options.max_batches is not None and options.max_batches < 1:
         raise ValueError(f"--max_batches must be >= 1, got {options.max_batches}.")
     return options, [*options.override, *extra]

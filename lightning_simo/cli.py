@@ -16,8 +16,10 @@ from typing import Any
 from jsonargparse import Namespace
 from lightning.pytorch.cli import LightningCLI
 
+from lightning_simo.callbacks.guard import NonFiniteLossError
 from lightning_simo.callbacks.merge import MergeCallback
 from lightning_simo.checkpoints import CheckpointError
+from lightning_simo.io import ensure_writable_dir
 
 __all__ = ["SIMOCLI", "USER_ERRORS", "build_cli", "main"]
 
@@ -26,9 +28,10 @@ USER_ERRORS: tuple[type[BaseException], ...] = (
     FileNotFoundError,
     PermissionError,
     CheckpointError,
+    NonFiniteLossError,
 )
-"""Errors caused by the user's input: reported as one line (set LIGHTNING_SIMO_DEBUG=1 for a
-traceback)."""
+"""Errors caused by the user's input (a NaN loss included: data or settings): reported as one line
+(set LIGHTNING_SIMO_DEBUG=1 for a traceback)."""
 
 PLACEHOLDERS = ("{tasks}", "{root}")
 """``{tasks}``: the datamodule's task list joined by ``+``; ``{root}``: ``trainer.default_root_dir``
@@ -85,6 +88,9 @@ class SIMOCLI(LightningCLI):
 
 
     def instantiate_trainer(self, **kwargs: Any) -> Any:
+        root = self._get(self.config_init, "trainer", default={}).get("default_root_dir")
+        if isinstance(root, str):
+            ensure_writable_dir(root)  # one clear error now, not an OSError from a callback later
         keys = self._parser(self.subcommand).callback_keys
         extra = [cb for k in keys if _is_active(cb := self._get(self.config_init, k))]
         trainer_config = {**self._get(self.config_init, "trainer", default={}), **kwargs}
@@ -134,12 +140,30 @@ def build_cli(args: list[str] | None, run: bool = True) -> SIMOCLI:
     )
 
 
+def _raised_by_parser(err: BaseException) -> bool:
+    """Whether ``err`` was raised inside jsonargparse (which wraps errors of the classes it
+    instantiates in a ValueError listing every type of a ``Union`` it tried)."""
+    tb = err.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and tb.tb_frame.f_globals.get("__name__", "").startswith("jsonargparse")
+
+
+def _user_error(err: BaseException) -> BaseException | None:
+    """The user error to report for ``err``, looking through jsonargparse's wrappers to the
+    error our code raised; ``None`` when it is not a user error (then the traceback matters)."""
+    while _raised_by_parser(err) and err.__cause__ is not None:
+        err = err.__cause__
+    return err if isinstance(err, USER_ERRORS) else None
+
+
 def main(args: list[str] | None = None) -> None:
     """Entry point of the ``lightning_simo`` console script (and ``python -m lightning_simo``)."""
     try:
         _run(args)
-    except USER_ERRORS as err:
-        if os.environ.get("LIGHTNING_SIMO_DEBUG"):
+    except Exception as err:
+        user_error = _user_error(err)
+        if user_error is None or os.environ.get("LIGHTNING_SIMO_DEBUG"):
             raise
-        print(f"lightning_simo: error: {err}", file=sys.stderr)
+        print(f"lightning_simo: error: {user_error}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -33,6 +33,12 @@ def ensure_writable_dir(path: str | os.PathLike[str]) -> Path:
     return p
 
 
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: str | os.PathLike[str], write: Callable[[Path], None]) -> Path:
     """Call ``write(tmp_path)`` and move the finished file to ``path``.
 
@@ -46,6 +52,7 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[Path], None]) ->
     tmp = Path(tmp_name)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_current_umask())  # mkstemp's 0600 would hide results from a team
         os.replace(tmp, dest)
     except BaseException:
         tmp.unlink(missing_ok=True)

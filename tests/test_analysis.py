@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import csv
+import sys
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import TINY_VIT
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from torch import Tensor
 
-from conftest import TINY_VIT
 from lightning_simo import analysis as A
 from lightning_simo.checkpoints import encoder_state_dict, load_state_dict
 from lightning_simo.cli import main as cli_main
@@ -20,8 +21,7 @@ from lightning_simo.evaluation import evaluate_net
 from lightning_simo.modules.simo import SIMOModule
 
 TASKS = ["segmentation", "depth", "normals"]
-DATA = {"num_train": 16, "num_val": 8, "num_test": 8, "height": 32, "width": 40,
-        "batch_size": 8}
+DATA = {"num_train": 16, "num_val": 8, "num_test": 8, "height": 32, "width": 40, "batch_size": 8}
 HEAD = {"kind": "linear", "upsample": 4}
 
 
@@ -68,10 +68,24 @@ def sweep(run: dict) -> dict:
     loader = dm.loader("val")
     before = {k: v.clone() for k, v in model.net.state_dict().items()}
     baseline = A.single_task_baseline(model.net, finetuned, loader, model.task_specs)
-    rows = A.lambda_sweep(model.net, theta0, finetuned, loader, model.task_specs,
-                          lambdas=[0.0, 0.5, 1.0, 1.5], baseline=baseline)
-    return {"model": model, "theta0": theta0, "finetuned": finetuned, "loader": loader,
-            "baseline": baseline, "rows": rows, "before": before}
+    rows = A.lambda_sweep(
+        model.net,
+        theta0,
+        finetuned,
+        loader,
+        model.task_specs,
+        lambdas=[0.0, 0.5, 1.0, 1.5],
+        baseline=baseline,
+    )
+    return {
+        "model": model,
+        "theta0": theta0,
+        "finetuned": finetuned,
+        "loader": loader,
+        "baseline": baseline,
+        "rows": rows,
+        "before": before,
+    }
 
 
 def _value(rows: list[dict], source: str, lam: float, task: str, key: str = "value") -> float:
@@ -150,10 +164,12 @@ def test_sweep_moves_away_from_theta0_and_normalises_by_direction(sweep: dict) -
     assert _value(rows, "depth", 0.0, "depth") != _value(rows, "depth", 1.0, "depth")
     value = _value(rows, "segmentation", 0.5, "depth")
     assert _value(rows, "segmentation", 0.5, "depth", "normalized") == pytest.approx(
-        baseline["depth/abs_err"] / value)  # lower is better: baseline / value
+        baseline["depth/abs_err"] / value
+    )  # lower is better: baseline / value
     miou = _value(rows, "depth", 0.5, "segmentation")
     assert _value(rows, "depth", 0.5, "segmentation", "normalized") == pytest.approx(
-        miou / baseline["segmentation/miou"])
+        miou / baseline["segmentation/miou"]
+    )
 
 
 def test_sweep_restores_the_net(sweep: dict) -> None:
@@ -164,8 +180,15 @@ def test_sweep_restores_the_net(sweep: dict) -> None:
 def test_sweep_needs_heads(sweep: dict) -> None:
     encoder_only = {t: encoder_state_dict(s) for t, s in sweep["finetuned"].items()}
     with pytest.raises(ValueError, match="no head for 'segmentation'"):
-        A.lambda_sweep(sweep["model"].net, sweep["theta0"], encoder_only, sweep["loader"],
-                       sweep["model"].task_specs, lambdas=[0.0], baseline=sweep["baseline"])
+        A.lambda_sweep(
+            sweep["model"].net,
+            sweep["theta0"],
+            encoder_only,
+            sweep["loader"],
+            sweep["model"].task_specs,
+            lambdas=[0.0],
+            baseline=sweep["baseline"],
+        )
 
 
 # ----------------------------------------------------------------------------- similarity
@@ -179,13 +202,15 @@ def test_task_vector_similarity(sweep: dict) -> None:
 
     def flat(task: str) -> Tensor:
         enc = encoder_state_dict(sweep["finetuned"][task])
-        return torch.cat([(enc[k].double() - v.double()).flatten()
-                          for k, v in sweep["theta0"].items()])
+        return torch.cat(
+            [(enc[k].double() - v.double()).flatten() for k, v in sweep["theta0"].items()]
+        )
 
     vectors = {t: flat(t) for t in TASKS}
     torch.testing.assert_close(lengths[1], vectors["depth"].norm())
     expected = torch.dot(vectors["depth"], vectors["normals"]) / (
-        vectors["depth"].norm() * vectors["normals"].norm())
+        vectors["depth"].norm() * vectors["normals"].norm()
+    )
     torch.testing.assert_close(cos[1, 2], expected)
 
 
@@ -199,8 +224,11 @@ def test_plot_lambda_sweep(sweep: dict) -> None:
         curves = [line for line in ax.get_lines() if line.get_label() in TASKS]
         assert [c.get_label() for c in curves] == TASKS
         assert list(curves[0].get_xdata()) == [0.0, 0.5, 1.0, 1.5]
-        dashed = [line for line in ax.get_lines()
-                  if isinstance(line, Line2D) and line.get_linestyle() == "--"]
+        dashed = [
+            line
+            for line in ax.get_lines()
+            if isinstance(line, Line2D) and line.get_linestyle() == "--"
+        ]
         assert [list(line.get_ydata()) for line in dashed] == [[1.0, 1.0]]
     with pytest.raises(ValueError):
         A.plot_lambda_sweep([])
@@ -219,12 +247,19 @@ def test_plot_similarity() -> None:
 # ----------------------------------------------------------------------------- command
 def test_parse_args_collects_overrides() -> None:
     options, overrides = A.parse_args(
-        ["--config", "m.yaml", "--lambdas", "4", "--override", "[--a=1]", "--", "--b", "2"])
+        ["--config", "m.yaml", "--lambdas", "4", "--override", "[--a=1]", "--", "--b", "2"]
+    )
     assert (options.config, options.lambdas, options.max_lambda, options.split) == (
-        "m.yaml", 4, 1.5, "val")
+        "m.yaml",
+        4,
+        1.5,
+        "val",
+    )
     assert overrides == ["--a=1", "--b", "2"]
     with pytest.raises(ValueError, match="max_batches"):
         A.parse_args(["--config", "m.yaml", "--max_batches", "0"])
+    with pytest.raises(ValueError, match="--split must be one of"):
+        A.parse_args(["--config", "m.yaml", "--split", "training"])
 
 
 def _merge_yaml(run: dict, root: Path, with_merge: bool = True) -> Path:
@@ -266,14 +301,39 @@ data:
     return path
 
 
+@pytest.fixture
+def argv(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The command as a user would start it (not pytest's own arguments)."""
+    monkeypatch.setattr(sys, "argv", ["lightning_simo"])
+
+
+@pytest.mark.usefixtures("argv")
 def test_analyze_command_writes_tables_and_figures(run: dict, tmp_path: Path) -> None:
     config = _merge_yaml(run, tmp_path / "cfg")
     root = tmp_path / "elsewhere"
-    cli_main(["analyze", "--config", str(config), "--lambdas", "4", "--max_lambda", "1.5",
-              "--max_batches", "1", "--", f"--trainer.default_root_dir={root}"])
+    cli_main(
+        [
+            "analyze",
+            "--config",
+            str(config),
+            "--lambdas",
+            "4",
+            "--max_lambda",
+            "1.5",
+            "--max_batches",
+            "1",
+            "--",
+            f"--trainer.default_root_dir={root}",
+        ]
+    )
     out = root / "analysis"
     assert sorted(p.name for p in out.iterdir()) == [
-        "lambda_sweep.csv", "lambda_sweep.png", "task_vectors.csv", "task_vectors.png", "tb"]
+        "lambda_sweep.csv",
+        "lambda_sweep.png",
+        "task_vectors.csv",
+        "task_vectors.png",
+        "tb",
+    ]
     assert list((out / "tb").glob("events.out.tfevents.*"))
     for png in ("lambda_sweep.png", "task_vectors.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -298,6 +358,7 @@ def test_analyze_command_writes_tables_and_figures(run: dict, tmp_path: Path) ->
         assert r["cos_depth"] == table[1][f"cos_{r['task']}"]
 
 
+@pytest.mark.usefixtures("argv")
 def test_analyze_command_needs_merge_checkpoints(
     run: dict, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -6,6 +6,7 @@ checkpoint) in a module-scoped fixture, so every test merges real task vectors i
 
 from __future__ import annotations
 
+import copy
 import shutil
 from collections.abc import Mapping
 from pathlib import Path
@@ -95,12 +96,13 @@ class Sources:
 
     def __init__(self, root: Path) -> None:
         self.root = root
-        encoder = Encoder(TINY_VIT)
+        torch.manual_seed(0)  # built before any function-scoped seeding fixture runs
+        encoder = Encoder(copy.deepcopy(TINY_VIT))
         self.theta0 = {k: v.detach().clone() for k, v in encoder.state_dict().items()}
         self.foundation = root / "foundation.ckpt"
         torch.save({"state_dict": {"encoder." + k: v for k, v in self.theta0.items()}},
                    self.foundation)
-        self.encoder = {**TINY_VIT, "checkpoint": str(self.foundation)}
+        self.encoder = {**copy.deepcopy(TINY_VIT), "checkpoint": str(self.foundation)}
         self.paths: dict[str, str] = {}
         for i, task in enumerate(TASKS):
             torch.manual_seed(10 + i)
@@ -187,6 +189,9 @@ def test_alpha_search_keeps_the_best_alpha_and_logs_scores(
     assert logger.values("merge/search_score") == pytest.approx(
         [callback.search_scores[a] for a in grid])
     assert logger.values("merge/alpha") == [best]
+    merged = merge(sources.theta0, sources.finetuned, "task_arithmetic", scaling=best)
+    for key, value in module.net.encoder.state_dict().items():
+        assert torch.allclose(value, merged[key], rtol=0, atol=1e-6), key
 
     # the α = 0 score is θ0 with the fine-tuned heads, against each single-task model
     net, specs, loader = module.net, module.task_specs, dm.loader("val")
@@ -251,7 +256,7 @@ def _head_realignment(sources: Sources, root: Path, cache: bool) -> tuple[list[f
     recorder = _LossRecorder()
     callback = MergeCallback(checkpoints=sources.paths, scaling=0.5, realign="heads",
                              cache_features=cache)
-    trainer = _trainer(root, max_epochs=3, limit_val_batches=0, callbacks=[callback, recorder])
+    trainer = _trainer(root, max_epochs=2, limit_val_batches=0, callbacks=[callback, recorder])
     trainer.fit(module, datamodule=_datamodule())
     return recorder.losses, module
 
@@ -259,12 +264,12 @@ def _head_realignment(sources: Sources, root: Path, cache: bool) -> tuple[list[f
 def test_cached_features_train_the_heads_like_the_encoder(sources: Sources, tmp_path: Path) -> None:
     cached, with_cache = _head_realignment(sources, tmp_path / "cache", cache=True)
     direct, without = _head_realignment(sources, tmp_path / "direct", cache=False)
-    assert len(cached) == len(direct) == 3  # 8 val images, batch 8, 3 epochs
+    assert len(cached) == len(direct) == 2  # 8 val images, batch 8: one step per epoch
     assert cached == pytest.approx(direct, rel=1e-5, abs=1e-6)
-    assert len(set(cached)) == 3  # the heads did train
+    assert cached[1] != cached[0]  # the heads did train
     cache = with_cache.feature_source
     assert isinstance(cache, FeatureCache) and without.feature_source is None
-    assert (cache.misses, cache.hits, len(cache)) == (8, 16, 8)
+    assert (cache.misses, cache.hits, len(cache)) == (8, 8, 8)
     for task in TASKS:
         for key, value in with_cache.net.heads[task].state_dict().items():
             assert torch.allclose(value, without.net.heads[task].state_dict()[key], atol=1e-5)
@@ -395,9 +400,10 @@ def test_reestimated_bn_statistics_differ_from_the_pretrained_ones(tmp_path: Pat
     paths = {}
     for task in TASKS:
         single = _module(config, (task,))
-        with torch.no_grad():
-            for p in single.net.encoder.parameters():
-                p.add_(0.05 * torch.randn_like(p))
+        with torch.no_grad():  # weights and running statistics both move
+            for value in single.net.encoder.state_dict().values():
+                if value.is_floating_point():
+                    value.add_(0.05 * torch.randn_like(value).abs_())
         paths[task] = str(tmp_path / f"{task}.ckpt")
         torch.save({"state_dict": single.state_dict()}, paths[task])
 

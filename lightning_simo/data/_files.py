@@ -50,7 +50,8 @@ _DOCS_HINT = "See docs/datasets.md for how to obtain and lay out the dataset."
 def missing_error(dataset: str, path: Path, layout: str, what: str = "folder") -> FileNotFoundError:
     """The one error for an absent dataset piece: the missing path plus the expected tree."""
     return FileNotFoundError(
-        f"{dataset}: the {what} {str(path)!r} does not exist.\n"
+        f"{dataset}: the {what} {str(path)!r} does not exist; check the dataset root "
+        "(--data.init_args.root) and that its layout matches the tree below.\n"
         f"Expected layout:\n{layout.rstrip()}\n{_DOCS_HINT}"
     )
 
@@ -228,11 +229,22 @@ def to_labels(array: np.ndarray, num_classes: int, path: Path) -> np.ndarray:
     return array.astype(np.int64)
 
 
-def to_scalar_map(array: np.ndarray, path: Path, what: str) -> np.ndarray:
-    """A finite ``float32`` ``H x W`` map (depth, disparity, ...)."""
+def to_scalar_map(
+    array: np.ndarray, path: Path, what: str, invalid_zero: bool = False
+) -> np.ndarray:
+    """A finite ``float32`` ``H x W`` map (depth, disparity, ...).
+
+    ``invalid_zero``: the map is non-negative with 0 marking invalid pixels (metric depth), so a
+    negative value is a corrupt file, not a target to learn; one min per map finds it.
+    """
     array = _single_channel(array, path, what).astype(np.float32, copy=False)
     if not np.isfinite(array).all():
         raise ValueError(f"{str(path)!r}: the {what} holds NaN or infinite values.")
+    if invalid_zero and array.size and (low := float(array.min())) < 0:
+        raise ValueError(
+            f"{str(path)!r}: the {what} holds negative values (e.g. {low:g}); it must be >= 0 "
+            "with 0 = invalid. Re-extract the file or fix its conversion."
+        )
     return array
 
 

@@ -119,7 +119,7 @@ class NYUv2Dataset(Dataset):
             if task == "segmentation":
                 sample[task] = to_labels(array, NUM_CLASSES, paths[task])
             elif task == "depth":
-                sample[task] = to_scalar_map(array, paths[task], "depth map")
+                sample[task] = to_scalar_map(array, paths[task], "depth map", invalid_zero=True)
             else:
                 sample[task] = to_vector_map(array, paths[task], "normal map")
         check_same_size(sample, paths)

@@ -179,7 +179,8 @@ class DensePipeline:
         crop: output ``(height, width)``; ``None`` keeps each sample's size.
         scales: zoom factors for :class:`RandomRescale` (training only).
         hflip: flip horizontally with p = 0.5 (training only).
-        seed: seed of the augmentation stream (``None``: fresh entropy).
+        seed: seed of the augmentation stream (``None``: torch's seed, ``torch.initial_seed()``,
+            so ``seed_everything`` makes augmentation reproducible).
     """
 
     def __init__(
@@ -198,7 +199,7 @@ class DensePipeline:
         if not self.scales or min(self.scales) <= 0:
             raise ValueError(f"scales must be positive factors, got {scales}.")
         self.hflip = hflip
-        self._rng = np.random.default_rng(seed)
+        self._rng = np.random.default_rng(torch.initial_seed() if seed is None else seed)
         self._pipelines: dict[tuple[int, int], A.Compose] = {}
         self._worker_seed: int | None = None
 

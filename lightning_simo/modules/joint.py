@@ -11,8 +11,8 @@ Two optimisation modes:
 
 - ``equal``, ``uncertainty``, ``dwa``: automatic optimisation; the strategy's ``combine`` is the
   training loss. Uncertainty's ``log_var`` is trained by the model optimiser in its own parameter
-  group without weight decay; DWA receives the epoch-average training losses (summed over ranks)
-  at the end of every training epoch.
+  group without weight decay; DWA receives the epoch-average training losses (the mean of the
+  per-step losses over the steps of every rank) at the end of every training epoch.
 - ``gradnorm``: manual optimisation, because GradNorm needs the per-task gradient norms on the
   last shared layer before the model's backward pass. The update runs on the same optimiser and
   schedule as every other strategy.
@@ -49,8 +49,9 @@ class JointMTLModule(SIMOModule):
     monitor) is comparable across strategies and epochs instead of moving with the strategy's own
     parameters (the uncertainty regulariser even makes the weighted total negative).
 
-    Per training step the current weight of every task is logged as ``weights/<task>``, and the
-    strategy's extra scalars as ``weights/<name>`` (``weights/log_var/<task>`` for uncertainty,
+    Per training step the weight applied to every task's loss in that step is logged as
+    ``weights/<task>`` (GradNorm's update takes effect from the next step), and the strategy's
+    extra scalars as ``weights/<name>`` (``weights/log_var/<task>`` for uncertainty,
     ``weights/gradnorm/...`` for GradNorm).
 
     GradNorm's "last shared layer" is the deepest encoder block whose output the heads read
@@ -124,6 +125,7 @@ class JointMTLModule(SIMOModule):
         self._epoch_steps: Tensor
         self.register_buffer("_epoch_loss_sum", torch.zeros(len(self.task_specs)), persistent=False)
         self.register_buffer("_epoch_steps", torch.zeros(()), persistent=False)
+        self._step_weights: dict[str, float] = {}
 
     # ------------------------------------------------------------------ objective
     def shared_parameters(self) -> list[Tensor]:
@@ -150,6 +152,8 @@ class JointMTLModule(SIMOModule):
                 [losses[t].detach().float() for t in self.weighting.tasks]
             )
             self._epoch_steps += 1
+        # the weights this step's total is built with (GradNorm.step updates them in place)
+        self._step_weights = self.weighting.weights()
         if self.weighting.requires_manual_backward and self.encoder_trains():
             return self.weighting.step(losses, self.shared_parameters())
         return self.weighting.combine(losses)
@@ -186,7 +190,8 @@ class JointMTLModule(SIMOModule):
             self.clip_gradients(optimizer, gradient_clip_val=clip, gradient_clip_algorithm="norm")
 
     def _log_weights(self, batch_size: int) -> None:
-        logs = {f"weights/{t}": w for t, w in self.weighting.weights().items()}
+        """The weights applied in this step and the strategy's latest extra scalars."""
+        logs = {f"weights/{t}": w for t, w in self._step_weights.items()}
         logs.update({f"weights/{k}": v for k, v in self.weighting.extra_logs().items()})
         self.log_dict(logs, on_step=True, on_epoch=False, batch_size=batch_size)
 
@@ -206,6 +211,27 @@ class JointMTLModule(SIMOModule):
             return  # GradNorm has not started: L(0) comes from the fine-tuning epochs
         averages = (sums[:-1] / steps).tolist()
         self.weighting.on_epoch_end(dict(zip(self.weighting.tasks, averages)))
+
+    def on_validation_epoch_start(self) -> None:
+        self._share_buffers_of_rank_zero()
+
+    def on_train_end(self) -> None:
+        self._share_buffers_of_rank_zero()
+
+    def _share_buffers_of_rank_zero(self) -> None:
+        """Give every rank rank 0's buffers (BatchNorm statistics) under manual optimisation.
+
+        DDP broadcasts buffers at the start of a forward only when the previous forward was
+        followed by DDP's own backward; Lightning runs the manual backward inside DDP's forward,
+        so with GradNorm each rank would keep its own running statistics and validate (and end
+        the fit with) a different model. Automatic optimisation gets this from DDP itself.
+        """
+        if self.automatic_optimization or self.trainer.world_size < 2:
+            return
+        if not torch.distributed.is_available() or not torch.distributed.is_initialized():
+            return
+        for buffer in self.net.buffers():
+            torch.distributed.broadcast(buffer, src=0)
 
     # ------------------------------------------------------------------ lifecycle
     def setup(self, stage: str) -> None:

@@ -176,7 +176,8 @@ class LayerwiseMerge(nn.Module):
         self.coefficients = nn.Parameter(torch.full((len(finetuned), len(self.names)), init))
         for i, name in enumerate(self.names):
             base = theta0[name].detach().float()
-            tau = torch.stack([ft[name].detach().float().to(base.device) - base for ft in finetuned])
+            tau = torch.stack([ft[name].detach().to(base.device).float() - base
+                               for ft in finetuned])
             self.register_buffer(f"theta0_{i}", base.clone(), persistent=False)
             self.register_buffer(f"tau_{i}", tau, persistent=False)
 
@@ -194,6 +195,12 @@ class LayerwiseMerge(nn.Module):
         saved values are the ones the merge uses."""
         self.coefficients.clamp_(0.0, 1.0)
 
+    def _theta0(self, i: int) -> Tensor:
+        return getattr(self, f"theta0_{i}")
+
+    def _tau(self, i: int) -> Tensor:
+        return getattr(self, f"tau_{i}")
+
     def _cast(self, name: str, value: Tensor) -> Tensor:
         return value.to(self.dtypes.get(name, value.dtype))
 
@@ -201,17 +208,14 @@ class LayerwiseMerge(nn.Module):
         """The merged tensors (differentiable in the coefficients)."""
         lam = self.clamped()
         return {
-            name: self._cast(
-                name,
-                getattr(self, f"theta0_{i}") + torch.tensordot(lam[:, i], getattr(self, f"tau_{i}"), dims=1),
-            )
+            name: self._cast(name, self._theta0(i) + torch.tensordot(lam[:, i], self._tau(i), 1))
             for i, name in enumerate(self.names)
         }
 
     def task_weights(self, k: int) -> dict[str, Tensor]:
         """Task ``k``'s fine-tuned tensors ``θ0 + τ_k`` (the teacher's encoder)."""
         return {
-            name: self._cast(name, getattr(self, f"theta0_{i}") + getattr(self, f"tau_{i}")[k])
+            name: self._cast(name, self._theta0(i) + self._tau(i)[k])
             for i, name in enumerate(self.names)
         }
 
@@ -402,7 +406,8 @@ class TintingModule(SIMOModule):
             raise ValueError("Tinting is already configured for this module.")
         if len(finetuned) != len(self.tasks):
             raise ValueError(
-                f"Got {len(finetuned)} fine-tuned encoders for {len(self.tasks)} tasks {self.tasks}."
+                f"Got {len(finetuned)} fine-tuned encoders for the {len(self.tasks)} tasks "
+                f"{self.tasks}."
             )
         missing = [t for t in self.tasks if t not in fine_tuned_heads]
         if missing:
@@ -445,12 +450,13 @@ class TintingModule(SIMOModule):
         try:
             layer = head.get_submodule(self.tint_layer)
         except AttributeError:
-            names = [n for n, m in head.named_modules() if n and any(m.parameters(recurse=False))]
+            names = [n for n, m in head.named_modules()
+                     if n and next(m.parameters(recurse=False), None) is not None]
             raise ValueError(
                 f"The {task!r} head has no layer {self.tint_layer!r} to tint; layers with "
                 f"weights: {', '.join(names)}."
             ) from None
-        if not any(True for _ in layer.parameters()):
+        if next(layer.parameters(), None) is None:
             raise ValueError(f"Layer {self.tint_layer!r} of the {task!r} head has no weights.")
         return layer
 

@@ -1,0 +1,186 @@
+"""Kill a fit with SIGKILL, resume it from ``last.ckpt``, and get the uninterrupted run's weights.
+
+Each case runs the real command line three times on a tiny configuration (4 epochs of 2 steps):
+once uninterrupted, once killed as soon as the end-of-epoch-1 checkpoint exists, and once resumed
+with ``--ckpt_path <run>/checkpoints/last.ckpt``. The final weights must be equal bit for bit.
+
+What exactness takes (see ``lightning_simo.callbacks.rng``): the same ``seed_everything``, a
+checkpoint taken at an epoch boundary, and ``RNGStateCheckpoint`` among the callbacks, so that the
+resumed run shuffles, seeds loader workers and augments from the generator states of the
+interrupted one. A checkpoint from the middle of an epoch does not resume exactly: Lightning
+restarts that epoch with a fresh data iterator.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+import yaml
+from conftest import TINY_VIT
+
+from lightning_simo.data.synthetic import NUM_CLASSES, SyntheticDataModule
+from lightning_simo.modules.simo import SIMOModule
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "configs" / "synthetic"
+TASKS = ["segmentation", "depth"]
+EPOCHS = 4
+KILL_AFTER_EPOCH = 1
+HEAD = {"kind": "linear", "upsample": 4}
+
+
+def tiny_encoder() -> dict:
+    return {**TINY_VIT, "model_kwargs": dict(TINY_VIT["model_kwargs"]), "checkpoint": None}
+
+
+def tiny_config(root: Path, tasks: list[str], model: dict | None = None,
+                extra: dict | None = None) -> dict:
+    config = {
+        "seed_everything": 0,
+        "trainer": {
+            "max_epochs": EPOCHS,
+            "default_root_dir": str(root),
+            "logger": False,
+            "enable_progress_bar": False,
+            "enable_model_summary": False,
+            "num_sanity_val_steps": 0,
+            "callbacks": [
+                {
+                    "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                    "init_args": {"dirpath": "{root}/checkpoints", "save_top_k": -1,
+                                  "save_last": True},
+                },
+                {"class_path": "lightning_simo.callbacks.rng.RNGStateCheckpoint"},
+            ],
+        },
+        "model": {"init_args": {"encoder": tiny_encoder(), **(model or {})}},
+        "data": {
+            "init_args": {"tasks": tasks, "num_train": 8, "num_val": 4, "num_test": 4,
+                          "height": 32, "width": 40, "batch_size": 4}
+        },
+    }
+    config.update(extra or {})
+    return config
+
+
+def cli(args: list[str], cwd: Path, log: Path) -> subprocess.Popen:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    env.pop("LIGHTNING_SIMO_DEBUG", None)
+    with open(log, "w") as handle:
+        return subprocess.Popen([sys.executable, "-m", "lightning_simo", *args], cwd=cwd,
+                                env=env, stdout=handle, stderr=subprocess.STDOUT)
+
+
+def finish(proc: subprocess.Popen, log: Path) -> None:
+    assert proc.wait(timeout=900) == 0, log.read_text()[-4000:]
+
+
+def kill_after(proc: subprocess.Popen, checkpoints: Path, epoch: int, log: Path) -> None:
+    """SIGKILL ``proc`` as soon as its end-of-``epoch`` checkpoint file exists."""
+    deadline = time.monotonic() + 900
+    while not list(checkpoints.glob(f"epoch={epoch}-*.ckpt")):
+        assert proc.poll() is None, "the run ended before it could be killed:\n" + log.read_text()
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait(timeout=60) == -signal.SIGKILL
+
+
+def final_state(root: Path) -> dict:
+    return torch.load(root / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+
+
+def kill_and_resume(tmp_path: Path, config_name: str, config: dict) -> tuple[dict, dict, int]:
+    """(uninterrupted final checkpoint, resumed final checkpoint, epoch the resume started at)."""
+    base = CONFIGS / config_name
+    runs = {}
+    for name in ("reference", "killed"):
+        root = tmp_path / name
+        config["trainer"]["default_root_dir"] = str(root)
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(config, sort_keys=False))
+        args = ["fit", "--config", str(base), "--config", str(path)]
+        runs[name] = (root, args, tmp_path / f"{name}.log")
+
+    root, args, log = runs["reference"]
+    finish(cli(args, tmp_path, log), log)
+
+    root, args, log = runs["killed"]
+    kill_after(cli(args, tmp_path, log), root / "checkpoints", KILL_AFTER_EPOCH, log)
+    last = root / "checkpoints" / "last.ckpt"
+    resumed_from = torch.load(last, map_location="cpu", weights_only=True)["epoch"]
+    resume_log = tmp_path / "resumed.log"
+    finish(cli([*args, "--ckpt_path", str(last)], tmp_path, resume_log), resume_log)
+    return final_state(runs["reference"][0]), final_state(root), resumed_from
+
+
+def assert_same_run(reference: dict, resumed: dict, resumed_from: int) -> None:
+    assert resumed_from < EPOCHS - 1  # the kill really interrupted training
+    assert resumed["epoch"] == reference["epoch"] == EPOCHS - 1
+    assert resumed["global_step"] == reference["global_step"]
+    assert reference["state_dict"].keys() == resumed["state_dict"].keys()
+    differ = [k for k, v in reference["state_dict"].items()
+              if not torch.equal(v, resumed["state_dict"][k])]
+    assert differ == [], f"{len(differ)} tensors differ, e.g. {differ[:3]}"
+
+
+@pytest.fixture(scope="module")
+def single_task_checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """One checkpoint per task from a tiny (one-step) single-task fit."""
+    folder = tmp_path_factory.mktemp("single_task")
+    paths = {}
+    for task in TASKS:
+        L.seed_everything(1, verbose=False)
+        module = SIMOModule(
+            tasks=[task],
+            num_classes={"segmentation": NUM_CLASSES} if task == "segmentation" else None,
+            encoder=tiny_encoder(), head=HEAD, lr=1e-2,
+        )
+        data = SyntheticDataModule(tasks=[task], num_train=8, num_val=4, num_test=4, height=32,
+                                   width=40, batch_size=4)
+        trainer = L.Trainer(accelerator="cpu", max_steps=2, logger=False,
+                            enable_checkpointing=False, enable_progress_bar=False,
+                            enable_model_summary=False, num_sanity_val_steps=0,
+                            limit_val_batches=0, default_root_dir=folder)
+        trainer.fit(module, data)
+        paths[task] = str(folder / f"{task}.ckpt")
+        trainer.save_checkpoint(paths[task], weights_only=True)
+    return paths
+
+
+def test_resume_single_task(tmp_path: Path) -> None:
+    # augmented training data, a linear probe epoch, then fine-tuning
+    config = tiny_config(tmp_path, ["segmentation"])
+    reference, resumed, start = kill_and_resume(tmp_path, "single_task.yaml", config)
+    assert_same_run(reference, resumed, start)
+
+
+@pytest.mark.parametrize("realign", ["heads", "adapters"])
+def test_resume_merge_and_realign(
+    realign: str, tmp_path: Path, single_task_checkpoints: dict[str, str]
+) -> None:
+    merge = {"checkpoints": single_task_checkpoints, "search_grid": [0.5, 1.0],
+             "realign": realign, "adapter_rank": 4}
+    config = tiny_config(tmp_path, TASKS, extra={"merge": merge})
+    reference, resumed, start = kill_and_resume(tmp_path, "merge.yaml", config)
+    assert_same_run(reference, resumed, start)
+    merged = resumed["callbacks"]["MergeCallback"]
+    assert merged["alpha"] == reference["callbacks"]["MergeCallback"]["alpha"]
+    assert any(".adapters." in k for k in resumed["state_dict"]) == (realign == "adapters")
+
+
+def test_resume_joint_gradnorm(tmp_path: Path) -> None:
+    config = tiny_config(tmp_path, TASKS, model={"weighting": "gradnorm"})
+    reference, resumed, start = kill_and_resume(tmp_path, "mtl.yaml", config)
+    assert_same_run(reference, resumed, start)
+    assert any(k.startswith("weighting.") for k in resumed["state_dict"])
