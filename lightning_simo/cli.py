@@ -72,6 +72,21 @@ class SIMOCLI(LightningCLI):
             "data.num_classes", "model.init_args.num_classes", apply_on="instantiate"
         )
 
+    EVALUATION_ARGS = ("reference_metrics", "metrics_file")
+    """Model arguments that only say how to report a test: the config given now wins over the
+    hyper-parameters stored in a ``--ckpt_path`` checkpoint (Lightning applies those last)."""
+
+    def _parse_ckpt_path(self) -> None:
+        sub = self.config.get("subcommand")
+        init_args = self.config[sub].get("model", {}).get("init_args") if sub else None
+        given = {k: init_args.get(k) for k in self.EVALUATION_ARGS} if init_args else {}
+        super()._parse_ckpt_path()
+        if given:
+            restored = self.config[sub]["model"]["init_args"]
+            for key, value in given.items():
+                if value is not None:
+                    restored[key] = value
+
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
         tasks = config.get("data", {}).get("init_args", {}).get("tasks")

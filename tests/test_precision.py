@@ -19,7 +19,6 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from conftest import TINY_VIT
 from lightning_simo.callbacks.merge import MergeCallback
 from lightning_simo.data.synthetic import SyntheticDataModule
 from lightning_simo.modules.foundation import FoundationModule

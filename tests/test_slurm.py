@@ -177,11 +177,11 @@ def _stand_in(folder: Path, name: str, record: Path) -> None:
     script.chmod(0o755)
 
 
-@pytest.mark.slow
 def test_a_requeued_job_resumes_from_the_hpc_checkpoint(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
 ) -> None:
     _slurm_env(monkeypatch, nodes=1, tasks_per_node=1, proc_id=0)
+    monkeypatch.setattr(sys, "argv", ["lightning_simo"])
     bin_dir, requeue_call = tmp_path / "bin", tmp_path / "scontrol_args.txt"
     _stand_in(bin_dir, "scontrol", requeue_call)
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
@@ -263,8 +263,9 @@ def _value(args: list[str], flag: str) -> str | None:
 
 
 def test_launch_matches_the_allocation_and_resumes_only_after_a_requeue(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str],
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    monkeypatch.setattr(sys, "argv", ["lightning_simo"])
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
     env.update({"SLURM_JOB_ID": JOB_ID, "SLURM_NNODES": "2", "SLURM_NTASKS_PER_NODE": "4",
                 "RUN_ROOT": str(tmp_path / "runs")})
@@ -322,7 +323,3 @@ def test_launch_refuses_what_it_cannot_run(tmp_path: Path, args: tuple[str, ...]
     code, err, recorded = _launch(tmp_path, env, *args)
     assert code == 2 and message in err
     assert recorded == []  # srun never started
-
-
-if __name__ == "__main__":  # pragma: no cover - convenience
-    sys.exit(pytest.main([__file__, "-q"]))

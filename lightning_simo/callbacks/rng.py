@@ -30,7 +30,8 @@ __all__ = ["RNGStateCheckpoint", "get_rng_states", "set_rng_states"]
 def get_rng_states() -> dict[str, Any]:
     """The Python, NumPy and torch generator states, as tensors, lists and numbers."""
     version, state, gauss = random.getstate()
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    # the legacy global generator is the one seed_everything seeds and libraries draw from
+    kind, keys, pos, has_gauss, cached = np.random.get_state()  # noqa: NPY002
     states: dict[str, Any] = {
         "python": {"version": version, "state": list(state), "gauss": gauss},
         "numpy": {
@@ -53,7 +54,8 @@ def set_rng_states(states: dict[str, Any]) -> None:
     random.setstate((py["version"], tuple(py["state"]), py["gauss"]))
     npy = states["numpy"]
     keys = npy["keys"].numpy().astype(np.uint32)
-    np.random.set_state((npy["kind"], keys, npy["pos"], npy["has_gauss"], npy["cached_gaussian"]))
+    legacy = (npy["kind"], keys, npy["pos"], npy["has_gauss"], npy["cached_gaussian"])
+    np.random.set_state(legacy)  # noqa: NPY002
     torch.set_rng_state(states["torch"])
     if "cuda" in states and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(states["cuda"])

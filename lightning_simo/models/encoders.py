@@ -50,6 +50,11 @@ class EncoderConfig:
     input_scaling: str = "symmetric"
     pad_to_patch: bool = True
 
+    def __post_init__(self) -> None:
+        # a command-line `null` inside a nested dataclass can arrive as the string "None"
+        if isinstance(self.checkpoint, str) and self.checkpoint.strip() in ("", "None", "null"):
+            self.checkpoint = None
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
