@@ -338,7 +338,6 @@ def test_merge_config_runs(
     # every run starts from the same θ0 (seed 0, same encoder), and head re-alignment never
     # trains the encoder: it must still be exactly θ0 + α Σ_t (θ_t - θ0)
     alpha = merge_state["alpha"]
-    print("ALPHA", dataset, alpha, merge_state["search_scores"])
     theta0 = initial_encoder()
     finetuned = [encoder_weights(d / "checkpoints" / "best.ckpt") for d in runs.values()]
     merged = encoder_weights(last)

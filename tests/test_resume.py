@@ -159,8 +159,12 @@ def single_task_checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[st
 
 
 def test_resume_single_task(tmp_path: Path) -> None:
-    # augmented training data, a linear probe epoch, then fine-tuning
+    # Augmented training data, a linear probe epoch, then fine-tuning. Augmentation resumes
+    # exactly only in loader workers: each epoch's workers are seeded from the loader's base seed,
+    # drawn from the restored torch generator; in the main process (num_workers=0) the
+    # transform's own generator would start over.
     config = tiny_config(tmp_path, ["segmentation"])
+    config["data"]["init_args"]["num_workers"] = 1
     reference, resumed, start = kill_and_resume(tmp_path, "single_task.yaml", config)
     assert_same_run(reference, resumed, start)
 

@@ -117,9 +117,10 @@ class _ResidualConvUnit(nn.Module):
 
 
 class _FusionBlock(nn.Module):
-    def __init__(self, channels: int) -> None:
+    def __init__(self, channels: int, has_skip: bool = True) -> None:
         super().__init__()
-        self.skip_unit = _ResidualConvUnit(channels)
+        # the coarsest block has no skip input: no unit for it (DDP forbids unused parameters)
+        self.skip_unit = _ResidualConvUnit(channels) if has_skip else None
         self.unit = _ResidualConvUnit(channels)
         self.project = nn.Conv2d(channels, channels, 1)
 
@@ -128,6 +129,8 @@ class _FusionBlock(nn.Module):
     ) -> Tensor:
         """Fuse ``skip`` (same size as ``x``) and upsample to ``size`` (default: twice)."""
         if skip is not None:
+            if self.skip_unit is None:
+                raise ValueError("This fusion block takes no skip input.")
             x = x + self.skip_unit(skip)
         x = self.unit(x)
         if size is None:
@@ -173,7 +176,7 @@ class DPTHead(nn.Module):
         self.to_features = nn.ModuleList(
             nn.Conv2d(r, features, 3, padding=1, bias=False) for r in reassemble
         )
-        self.fusion = nn.ModuleList(_FusionBlock(features) for _ in range(4))
+        self.fusion = nn.ModuleList(_FusionBlock(features, has_skip=i < 3) for i in range(4))
         if segmentation:
             self.neck = nn.Sequential(
                 nn.Conv2d(features, features, 3, padding=1, bias=False),
