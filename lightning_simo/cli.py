@@ -102,6 +102,14 @@ class SIMOCLI(LightningCLI):
             config["model"]["init_args"] = _expand(model_args, names)
 
 
+    def after_instantiate_classes(self) -> None:
+        super().after_instantiate_classes()
+        if not self.subcommand or not self.config[self.subcommand].get("ckpt_path"):
+            return
+        for callback in self.trainer.callbacks:
+            if isinstance(callback, MergeCallback):
+                callback.restoring = True
+
     def instantiate_trainer(self, **kwargs: Any) -> Any:
         root = self._get(self.config_init, "trainer", default={}).get("default_root_dir")
         if isinstance(root, str):

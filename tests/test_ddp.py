@@ -38,6 +38,7 @@ import lightning as L
 import pytest
 import torch
 from torch import Tensor
+from torch.utils.data import DistributedSampler
 
 from lightning_simo.callbacks.merge import MergeCallback
 from lightning_simo.callbacks.realign import FeatureCache, apply_realign_mode
@@ -116,15 +117,22 @@ CASES: dict[str, Case] = {
 
 
 # ---------------------------------------------------------------------------- worker side
-class _SetupProbe(L.Callback):
-    """Saves this rank's weights at the end of ``setup`` (after the MergeCallback's)."""
+class _Probe(L.Callback):
+    """Saves this rank's weights at the end of ``setup`` (after the MergeCallback's) and the
+    sample indices its feature cache holds after the first epoch."""
 
     def __init__(self, out: Path) -> None:
         self.out = out
+        self.first_epoch_keys: list[int] | None = None
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage == "fit":
             torch.save(_cpu_state(pl_module), self.out / f"setup_rank{trainer.global_rank}.pt")
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        cache = getattr(pl_module, "feature_source", None)
+        if trainer.current_epoch == 0 and isinstance(cache, FeatureCache):
+            self.first_epoch_keys = sorted(cache._store)
 
 
 def _cpu_state(module: torch.nn.Module) -> dict[str, Tensor]:
@@ -158,7 +166,8 @@ def run_case(name: str, root: Path, sources: dict[str, Any]) -> None:
     if case.merge is not None:
         merge_cb = MergeCallback(checkpoints=sources["checkpoints"], **case.merge)
         callbacks.append(merge_cb)
-    callbacks.append(_SetupProbe(out))
+    probe = _Probe(out)
+    callbacks.append(probe)
     trainer = L.Trainer(
         accelerator="cpu", devices=WORLD_SIZE, strategy=case.strategy, max_epochs=case.epochs,
         callbacks=callbacks, logger=False, enable_checkpointing=False,
@@ -173,6 +182,7 @@ def run_case(name: str, root: Path, sources: dict[str, Any]) -> None:
         "global_step": trainer.global_step,
         "alpha": None if merge_cb is None else merge_cb.alpha,
         "cache": _cache_report(module, dm),
+        "first_epoch_keys": probe.first_epoch_keys,
         "fit_val": module.last_metrics["val"],
     }
     trainer.validate(module, datamodule=dm, verbose=False)
@@ -379,10 +389,17 @@ def test_each_rank_caches_the_samples_it_was_given(run: Run) -> None:
         assert cache["misses"] == cache["size"] == len(cache["keys"])
         assert cache["hits"] + cache["misses"] == per_rank
         assert cache["max_feature_error"] < 1e-5
-    # epoch 1 splits the training set between the ranks; later epochs reshuffle it
-    union = set(caches[0]["keys"]) | set(caches[1]["keys"])
-    assert union == set(range(SIZES["num_train"]))
-    assert min(c["size"] for c in caches) >= SIZES["num_train"] // WORLD_SIZE
+    # epoch 1: each rank cached exactly its own shard of the distributed sampler
+    for rank, report in enumerate(reports):
+        sampler = DistributedSampler(range(SIZES["num_train"]), num_replicas=WORLD_SIZE,
+                                     rank=rank, shuffle=True, seed=0)
+        assert report["first_epoch_keys"] == sorted(sampler)
+    first = [set(r["first_epoch_keys"]) for r in reports]
+    assert not first[0] & first[1]
+    assert first[0] | first[1] == set(range(SIZES["num_train"]))
+    # epoch 2 reshuffles the shards: each rank adds what it had not seen, recomputes nothing
+    for cache, seen in zip(caches, first):
+        assert seen <= set(cache["keys"])
 
 
 def test_joint_strategies_stay_in_step(run: Run) -> None:

@@ -112,11 +112,13 @@ class MergeCallback(L.Callback):
         self.baseline: dict[str, float] = {}
         self.sources: dict[str, dict[str, str]] = {}
         self._merged = False
+        self.restoring = False
 
     # ------------------------------------------------------------------ state (resume checks)
     def _identity(self) -> dict[str, Any]:
         return {
-            "sources": self.sources,
+            # the file hashes identify the sources; paths may differ between machines
+            "sources": {t: src["sha256"] for t, src in self.sources.items()},
             "method": self.method,
             "method_options": self.method_options,
             "bn_stats": self.bn_stats,
@@ -128,6 +130,7 @@ class MergeCallback(L.Callback):
     def state_dict(self) -> dict[str, Any]:
         return {
             **self._identity(),
+            "paths": {t: src["path"] for t, src in self.sources.items()},
             "alpha": self.alpha,
             "search_scores": {str(a): s for a, s in self.search_scores.items()},
             "baseline": self.baseline,
@@ -196,7 +199,9 @@ class MergeCallback(L.Callback):
             finetuned.append(weights)
             self.sources[task] = {"path": str(path), "sha256": file_sha256(path)}
 
-        resuming = getattr(trainer, "ckpt_path", None) is not None
+        # weights (and α) will come from a checkpoint: skip the search. The CLI sets
+        # `restoring` when --ckpt_path is given, since Lightning knows the path only after setup.
+        resuming = self.restoring or getattr(trainer, "ckpt_path", None) is not None
         direction = self._merge_direction(theta0, finetuned)
         if self.method not in _SCALED_METHODS:
             alpha = None
