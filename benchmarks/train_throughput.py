@@ -263,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
             suite.append(rate)
         ratio = statistics.median(suite) / statistics.median(plain)
         worst = min(worst, ratio)
-        print(f"{precision:<10}{statistics.median(plain):>13.1f}{statistics.median(suite):>13.1f}"
+        print(f"{precision:<10}{statistics.median(plain):>13.4g}{statistics.median(suite):>13.4g}"
               f"{ratio:>13.3f}{plain_loss:>18.6f} / {suite_loss:.6f}")
     verdict = "yes" if worst >= 0.95 else "no"
     print(f"suite within 5% of the plain loop: {verdict} (worst ratio {worst:.3f})")

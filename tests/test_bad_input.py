@@ -293,7 +293,7 @@ ROWS = [
     Row("truncated checkpoint", _truncated,
         ("truncated.ckpt", "not a readable checkpoint", "truncated or corrupt")),
     Row("checkpoint of another encoder (merge)", _other_width,
-        ("wide.ckpt", "shape")),
+        ("wide.ckpt", "shape mismatch", "same encoder settings")),
     Row("checkpoint of another encoder (init)", _other_encoder_for_init,
         ("wide.ckpt", "another encoder", "same encoder settings")),
     Row("checkpoint without the task's head", _lacks_head,

@@ -1,8 +1,10 @@
 """Kill a fit with SIGKILL, resume it from ``last.ckpt``, and get the uninterrupted run's weights.
 
-Each case runs the real command line three times on a tiny configuration (4 epochs of 2 steps):
-once uninterrupted, once killed as soon as the end-of-epoch-1 checkpoint exists, and once resumed
-with ``--ckpt_path <run>/checkpoints/last.ckpt``. The final weights must be equal bit for bit.
+Each case runs the real command line three times on a tiny configuration (4 epochs): once
+uninterrupted, once killed with SIGKILL at the start of epoch 2 (``resume_hold.HoldAtEpoch`` holds
+it there once ``last.ckpt`` of epoch 1 is written, so the kill point does not depend on the
+machine's load), and once resumed with ``--ckpt_path <run>/checkpoints/last.ckpt``. The final
+weights must be equal bit for bit.
 
 What exactness takes (see ``lightning_simo.callbacks.rng``): the same ``seed_everything``, a
 checkpoint taken at an epoch boundary, and ``RNGStateCheckpoint`` among the callbacks, so that the
@@ -13,6 +15,7 @@ restarts that epoch with a fresh data iterator.
 
 from __future__ import annotations
 
+import copy
 import os
 import signal
 import subprocess
@@ -33,9 +36,10 @@ pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs" / "synthetic"
+TESTS = Path(__file__).resolve().parent
 TASKS = ["segmentation", "depth"]
 EPOCHS = 4
-KILL_AFTER_EPOCH = 1
+HOLD_EPOCH = 2
 HEAD = {"kind": "linear", "upsample": 4}
 
 
@@ -57,8 +61,9 @@ def tiny_config(root: Path, tasks: list[str], model: dict | None = None,
             "callbacks": [
                 {
                     "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-                    "init_args": {"dirpath": "{root}/checkpoints", "save_top_k": -1,
-                                  "save_last": True},
+                    # every argument the repo configs set, so that nothing of theirs is kept
+                    "init_args": {"dirpath": "{root}/checkpoints", "filename": None,
+                                  "monitor": None, "save_top_k": -1, "save_last": True},
                 },
                 {"class_path": "lightning_simo.callbacks.rng.RNGStateCheckpoint"},
             ],
@@ -76,6 +81,8 @@ def tiny_config(root: Path, tasks: list[str], model: dict | None = None,
 def cli(args: list[str], cwd: Path, log: Path) -> subprocess.Popen:
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     env.pop("LIGHTNING_SIMO_DEBUG", None)
+    # the held run imports tests/resume_hold.py by class path
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(TESTS), env.get("PYTHONPATH")]))
     with open(log, "w") as handle:
         return subprocess.Popen([sys.executable, "-m", "lightning_simo", *args], cwd=cwd,
                                 env=env, stdout=handle, stderr=subprocess.STDOUT)
@@ -85,13 +92,14 @@ def finish(proc: subprocess.Popen, log: Path) -> None:
     assert proc.wait(timeout=900) == 0, log.read_text()[-4000:]
 
 
-def kill_after(proc: subprocess.Popen, checkpoints: Path, epoch: int, log: Path) -> None:
-    """SIGKILL ``proc`` as soon as its end-of-``epoch`` checkpoint file exists."""
+def kill_when_held(proc: subprocess.Popen, marker: Path, last: Path, log: Path) -> None:
+    """SIGKILL ``proc`` once it holds at the start of ``HOLD_EPOCH`` with ``last`` written."""
     deadline = time.monotonic() + 900
-    while not list(checkpoints.glob(f"epoch={epoch}-*.ckpt")):
+    while not marker.exists():
         assert proc.poll() is None, "the run ended before it could be killed:\n" + log.read_text()
         assert time.monotonic() < deadline
-        time.sleep(0.01)
+        time.sleep(0.05)
+    assert last.exists()
     proc.send_signal(signal.SIGKILL)
     assert proc.wait(timeout=60) == -signal.SIGKILL
 
@@ -101,31 +109,38 @@ def final_state(root: Path) -> dict:
 
 
 def kill_and_resume(tmp_path: Path, config_name: str, config: dict) -> tuple[dict, dict, int]:
-    """(uninterrupted final checkpoint, resumed final checkpoint, epoch the resume started at)."""
-    base = CONFIGS / config_name
-    runs = {}
-    for name in ("reference", "killed"):
-        root = tmp_path / name
-        config["trainer"]["default_root_dir"] = str(root)
+    """(uninterrupted final checkpoint, resumed final checkpoint, epoch of the resumed ckpt)."""
+    marker = tmp_path / "held"
+
+    def args(name: str, root: Path, hold: bool = False) -> list[str]:
+        run = copy.deepcopy(config)
+        run["trainer"]["default_root_dir"] = str(root)
+        # the same callback list in all three runs (a resumed run needs the callbacks that made
+        # its checkpoint), holding only in one
+        run["trainer"]["callbacks"].append({
+            "class_path": "resume_hold.HoldAtEpoch",
+            "init_args": {"epoch": HOLD_EPOCH if hold else -1, "marker": str(marker)},
+        })
         path = tmp_path / f"{name}.yaml"
-        path.write_text(yaml.safe_dump(config, sort_keys=False))
-        args = ["fit", "--config", str(base), "--config", str(path)]
-        runs[name] = (root, args, tmp_path / f"{name}.log")
+        path.write_text(yaml.safe_dump(run, sort_keys=False))
+        return ["fit", "--config", str(CONFIGS / config_name), "--config", str(path)]
 
-    root, args, log = runs["reference"]
-    finish(cli(args, tmp_path, log), log)
+    reference, killed = tmp_path / "reference", tmp_path / "killed"
+    log = tmp_path / "reference.log"
+    finish(cli(args("reference", reference), tmp_path, log), log)
 
-    root, args, log = runs["killed"]
-    kill_after(cli(args, tmp_path, log), root / "checkpoints", KILL_AFTER_EPOCH, log)
-    last = root / "checkpoints" / "last.ckpt"
+    last = killed / "checkpoints" / "last.ckpt"
+    log = tmp_path / "killed.log"
+    kill_when_held(cli(args("killed", killed, hold=True), tmp_path, log), marker, last, log)
     resumed_from = torch.load(last, map_location="cpu", weights_only=True)["epoch"]
-    resume_log = tmp_path / "resumed.log"
-    finish(cli([*args, "--ckpt_path", str(last)], tmp_path, resume_log), resume_log)
-    return final_state(runs["reference"][0]), final_state(root), resumed_from
+
+    log = tmp_path / "resumed.log"
+    finish(cli([*args("resumed", killed), "--ckpt_path", str(last)], tmp_path, log), log)
+    return final_state(reference), final_state(killed), resumed_from
 
 
 def assert_same_run(reference: dict, resumed: dict, resumed_from: int) -> None:
-    assert resumed_from < EPOCHS - 1  # the kill really interrupted training
+    assert resumed_from == HOLD_EPOCH - 1  # killed after that epoch's checkpoint, before the next
     assert resumed["epoch"] == reference["epoch"] == EPOCHS - 1
     assert resumed["global_step"] == reference["global_step"]
     assert reference["state_dict"].keys() == resumed["state_dict"].keys()
@@ -185,6 +200,7 @@ def test_resume_merge_and_realign(
 
 def test_resume_joint_gradnorm(tmp_path: Path) -> None:
     config = tiny_config(tmp_path, TASKS, model={"weighting": "gradnorm"})
+    config["data"]["init_args"]["num_workers"] = 1  # augmented, as in single-task
     reference, resumed, start = kill_and_resume(tmp_path, "mtl.yaml", config)
     assert_same_run(reference, resumed, start)
     assert any(k.startswith("weighting.") for k in resumed["state_dict"])

@@ -149,6 +149,7 @@ def _requeue_config(path: Path, snapshots: Path) -> Path:
         "seed_everything": 0,
         "trainer": {
             "accelerator": "cpu", "devices": 1, "max_steps": 4, "limit_val_batches": 0,
+            "log_every_n_steps": 1,
             "num_sanity_val_steps": 0, "enable_progress_bar": False,
             "enable_model_summary": False, "default_root_dir": str(path.parent / "elsewhere"),
             "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
@@ -177,6 +178,8 @@ def _stand_in(folder: Path, name: str, record: Path) -> None:
     script.chmod(0o755)
 
 
+@pytest.mark.filterwarnings("ignore:You're resuming from a checkpoint that ended before")
+@pytest.mark.filterwarnings("ignore:Checkpoint directory .* exists and is not empty")
 def test_a_requeued_job_resumes_from_the_hpc_checkpoint(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
 ) -> None:

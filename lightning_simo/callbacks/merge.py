@@ -188,7 +188,14 @@ class MergeCallback(L.Callback):
                 )
             weights, name = encoder_state_dict(state), f"{task} checkpoint {path!r}"
             # encoder first: another backbone also changes the head's shapes, but is the cause
-            check_compatible(theta0, [weights], names=[name], reference_name="pretrained encoder")
+            try:
+                check_compatible(theta0, [weights], names=[name],
+                                 reference_name="pretrained encoder")
+            except ValueError as err:
+                raise ValueError(
+                    f"{err}. Merge only checkpoints fine-tuned from this model's encoder (same "
+                    "encoder settings: name, model_kwargs)."
+                ) from None
             try:
                 net.heads[task].load_state_dict(heads[task])
             except RuntimeError as err:
@@ -218,8 +225,8 @@ class MergeCallback(L.Callback):
             self._reestimate_bn(trainer, pl_module)
         apply_realign_mode(net, self.realign, self.adapter_rank, self.adapter_form)
         if self.realign in TINT_MODES:
-            heads = {t: net.heads[t].state_dict() for t in tasks}
-            pl_module.configure_tinting(theta0, finetuned, heads, self.realign)
+            tuned_heads = {t: net.heads[t].state_dict() for t in tasks}
+            pl_module.configure_tinting(theta0, finetuned, tuned_heads, self.realign)
         if self.realign == "heads" and self.cache_features:
             pl_module.feature_source = FeatureCache(encoder)
         self._merged = True

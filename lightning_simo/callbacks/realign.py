@@ -69,6 +69,8 @@ def apply_realign_mode(net: SIMONet, mode: str, adapter_rank: int = 16,
     if mode not in REALIGN_MODES:
         raise ValueError(f"Re-alignment mode must be one of {REALIGN_MODES}, got {mode!r}.")
     net.requires_grad_(mode == "full")
+    for name in getattr(net.encoder, "unused_parameters", []):  # never reached by any head
+        net.encoder.backbone.get_parameter(name).requires_grad_(False)
     if mode == "heads":
         net.heads.requires_grad_(True)
     elif mode == "adapters":

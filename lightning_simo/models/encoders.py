@@ -125,6 +125,7 @@ class Encoder(nn.Module):
         self.register_buffer("_std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
         if cfg.checkpoint:
             self.load_weights(cfg.checkpoint)
+        self.unused_parameters = self._freeze_unused()
 
     # ------------------------------------------------------------------ facts about the model
     @property
@@ -159,6 +160,30 @@ class Encoder(nn.Module):
             return list(self.backbone.blocks)
         return [self.backbone.get_submodule(f["module"]) for f in self.backbone.feature_info]
 
+    def _freeze_unused(self) -> list[str]:
+        """Freeze backbone parameters the heads never read (final norm, classifier, blocks after
+        the last index): they would get no gradient, which plain DDP refuses, and they would
+        inflate trainable-parameter counts. Found by one tiny forward, so it holds for any timm
+        model."""
+        named = [(n, p) for n, p in self.backbone.named_parameters() if p.requires_grad]
+        if not named:
+            return []
+        size = max(2 * self.patch_size, 32)
+        was_training = self.training
+        self.eval()
+        with torch.enable_grad():
+            out = self.forward(torch.zeros(1, 3, size, size))
+            total = sum(f.float().sum() for f in out.features)
+            if out.class_tokens is not None:
+                total = total + sum(t.float().sum() for t in out.class_tokens)
+            grads = torch.autograd.grad(total, [p for _, p in named], allow_unused=True)
+        self.train(was_training)
+        unused = [n for (n, p), g in zip(named, grads, strict=True) if g is None]
+        for name, param in named:
+            if name in unused:
+                param.requires_grad_(False)
+        return unused
+
     # ------------------------------------------------------------------ weights
     def load_weights(self, path: str) -> None:
         """Load encoder weights from a local checkpoint (data only, never pickled code)."""
@@ -178,7 +203,8 @@ class Encoder(nn.Module):
             if own[key].shape != value.shape:
                 raise ValueError(
                     f"Checkpoint {path!r} is from another encoder: {key!r} has shape "
-                    f"{tuple(value.shape)} there and {tuple(own[key].shape)} here."
+                    f"{tuple(value.shape)} there and {tuple(own[key].shape)} here. Use a "
+                    "checkpoint made with the same encoder settings (name, model_kwargs)."
                 )
         self.load_state_dict(state, strict=False)
 

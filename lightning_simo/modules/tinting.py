@@ -474,11 +474,15 @@ class TintingModule(SIMOModule):
         return functional_call(self.net.encoder, self.layer_merge.merged(), (images,))
 
     def encode(self, batch: Mapping[str, Tensor]) -> EncoderOutput:
+        """The merged encoder's features, so SIMOModule's validation / test / predict steps (and
+        their metrics) evaluate the tinted model, not the encoder the MergeCallback built."""
         if self.layer_merge is None:
             return super().encode(batch)
         return self.merged_features(batch["image"])
 
     def forward(self, images: Tensor) -> dict[str, Tensor]:
+        """Predictions of the merged model (``self.net(images)`` would use the MergeCallback's
+        encoder instead)."""
         return self.net.forward_heads(self.merged_features(images))
 
     @torch.no_grad()
