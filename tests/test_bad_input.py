@@ -14,6 +14,7 @@ import shutil
 import subprocess
 import sys
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -143,10 +144,8 @@ class Setup:
     run_dir: Path
     checkpoints: dict[str, Path]
 
-    def single_task(self, *extra: str, overrides: dict | None = None) -> list[str]:
+    def single_task(self, *extra: str) -> list[str]:
         config = tiny_overrides(self.run_dir)
-        for section, values in (overrides or {}).items():
-            config.setdefault(section, {}).update(values)
         tiny = write_yaml(self.tmp / "tiny.yaml", config)
         return ["fit", "--config", str(SINGLE_TASK), "--config", str(tiny), *extra]
 
@@ -154,14 +153,20 @@ class Setup:
         config = tiny_overrides(self.run_dir)
         config["data"]["init_args"]["tasks"] = list(MERGE_TASKS)
         config["merge"] = {
-            "checkpoints": {t: str(p) for t, p in {**self.checkpoints, **(checkpoints or {})}.items()},
+            "checkpoints": {
+                t: str(p) for t, p in {**self.checkpoints, **(checkpoints or {})}.items()
+            },
             "search_grid": [0.0, 1.0],
         }
         tiny = write_yaml(self.tmp / "tiny.yaml", config)
         return ["fit", "--config", str(MERGE), "--config", str(tiny), *extra]
 
-    def nyuv2(self, *extra: str, root: Path | None = None, tasks: list[str] | None = None,
-              edit: Callable[[Path], None] | None = None) -> list[str]:
+    def nyuv2(
+        self,
+        root: Path | None = None,
+        tasks: list[str] | None = None,
+        edit: Callable[[Path], None] | None = None,
+    ) -> list[str]:
         if root is None:
             root = write_nyuv2_layout(self.tmp / "nyuv2", {"train": 4, "val": 4}, 28, 42)
             if edit is not None:
@@ -179,13 +184,8 @@ class Setup:
         config = tiny_overrides(self.run_dir)
         config["data"] = data
         tiny = write_yaml(self.tmp / "tiny.yaml", config)
-        # the synthetic datamodule's own arguments do not apply to NYUv2: start from the model
-        return ["fit", "--config", str(SINGLE_TASK), "--data", "null", "--config", str(tiny),
-                *extra]
-
-
-def _save(path: Path, array: np.ndarray) -> None:
-    np.save(path, array)
+        # `--data null` drops the synthetic datamodule's arguments, which NYUv2 does not take
+        return ["fit", "--config", str(SINGLE_TASK), "--data", "null", "--config", str(tiny)]
 
 
 def _set_pixel(folder: str, value: float) -> Callable[[Path], None]:
@@ -193,7 +193,7 @@ def _set_pixel(folder: str, value: float) -> Callable[[Path], None]:
         path = root / "train" / folder / "0.npy"
         array = np.load(path)
         array.reshape(-1)[5] = value
-        _save(path, array)
+        np.save(path, array)
 
     return edit
 
@@ -254,84 +254,160 @@ class Row:
     build: Callable[[Setup], list[str]]
     keywords: tuple[str, ...]
     """Words the error must contain (case-insensitive): the problem and the fix."""
+    parser_error: bool = False
+    """A config the parser rejects: its own usage message, which must name the bad key."""
 
 
 ROWS = [
-    Row("missing data root",
+    Row(
+        "missing data root",
         lambda s: s.nyuv2(root=s.tmp / "no_such_dataset"),
-        ("no_such_dataset", "does not exist", "data.init_args.root")),
-    Row("wrong layout: task folder missing",
+        ("no_such_dataset", "does not exist", "data.init_args.root"),
+    ),
+    Row(
+        "wrong layout: task folder missing",
         lambda s: s.nyuv2(edit=_drop_folder),
-        ("depth", "does not exist", "layout")),
-    Row("mismatched file counts",
+        ("depth", "does not exist", "layout"),
+    ),
+    Row(
+        "mismatched file counts",
         lambda s: s.nyuv2(edit=_drop_file),
-        ("holds 3 files", "holds 4", "one file per image")),
-    Row("corrupt array file",
-        lambda s: s.nyuv2(edit=_corrupt),
-        ("0.npy", "corrupt", "re-extract")),
-    Row("label value out of range",
+        ("holds 3 files", "holds 4", "one file per image"),
+    ),
+    Row("corrupt array file", lambda s: s.nyuv2(edit=_corrupt), ("0.npy", "corrupt", "re-extract")),
+    Row(
+        "label value out of range",
         lambda s: s.nyuv2(edit=_set_pixel("label", 20.0)),
-        ("label value 20", "outside", "class count")),
-    Row("NaN depth",
+        ("label value 20", "outside", "class count"),
+    ),
+    Row(
+        "NaN depth",
         lambda s: s.nyuv2(edit=_set_pixel("depth", float("nan"))),
-        ("depth map", "nan", "0.npy")),
-    Row("negative depth",
+        ("depth map", "nan", "0.npy"),
+    ),
+    Row(
+        "negative depth",
         lambda s: s.nyuv2(edit=_set_pixel("depth", -1.0)),
-        ("depth map", "negative", "-1", "0 = invalid")),
-    Row("unknown task",
+        ("depth map", "negative", "-1", "0 = invalid"),
+    ),
+    Row(
+        "unknown task",
         lambda s: s.single_task("--data.init_args.tasks", "[segmentatoin]"),
-        ("unknown task 'segmentatoin'", "known tasks", "segmentation")),
-    Row("task not provided by the dataset",
+        ("unknown task 'segmentatoin'", "known tasks", "segmentation"),
+    ),
+    Row(
+        "task not provided by the dataset",
         lambda s: s.nyuv2(tasks=["edges"]),
-        ("'edges' is not provided by nyuv2datamodule", "carries", "segmentation")),
-    Row("missing encoder checkpoint",
+        ("'edges' is not provided by nyuv2datamodule", "carries", "segmentation"),
+    ),
+    Row(
+        "missing encoder checkpoint",
         lambda s: s.single_task("--model.init_args.encoder", "{checkpoint: /nope.ckpt}"),
-        ("not found", "/nope.ckpt", "check the path")),
-    Row("missing merge checkpoint",
+        ("not found", "/nope.ckpt", "check the path"),
+    ),
+    Row(
+        "missing merge checkpoint",
         lambda s: s.merge(checkpoints={"normals": s.tmp / "nope.ckpt"}),
-        ("not found", "nope.ckpt", "check the path")),
-    Row("truncated checkpoint", _truncated,
-        ("truncated.ckpt", "not a readable checkpoint", "truncated or corrupt")),
-    Row("checkpoint of another encoder (merge)", _other_width,
-        ("wide.ckpt", "shape mismatch", "same encoder settings")),
-    Row("checkpoint of another encoder (init)", _other_encoder_for_init,
-        ("wide.ckpt", "another encoder", "same encoder settings")),
-    Row("checkpoint without the task's head", _lacks_head,
-        ("segmentation", "no head", "heads found: depth")),
-    Row("checkpoint holding pickled code", _pickled_code,
-        ("code.ckpt", "refused", "not executed", "state dict")),
-    Row("alpha below zero",
-        lambda s: s.merge("--merge.scaling", "-1"),
-        ("scaling", ">= 0", "-1")),
-    Row("density above one",
+        ("not found", "nope.ckpt", "check the path"),
+    ),
+    Row(
+        "truncated checkpoint",
+        _truncated,
+        ("truncated.ckpt", "not a readable checkpoint", "truncated or corrupt"),
+    ),
+    Row(
+        "checkpoint of another encoder (merge)",
+        _other_width,
+        ("wide.ckpt", "shape mismatch", "same encoder settings"),
+    ),
+    Row(
+        "checkpoint of another encoder (init)",
+        _other_encoder_for_init,
+        ("wide.ckpt", "another encoder", "same encoder settings"),
+    ),
+    Row(
+        "checkpoint without the task's head",
+        _lacks_head,
+        ("segmentation", "no head", "heads found: depth"),
+    ),
+    Row(
+        "checkpoint holding pickled code",
+        _pickled_code,
+        ("code.ckpt", "refused", "not executed", "state dict"),
+    ),
+    Row("alpha below zero", lambda s: s.merge("--merge.scaling", "-1"), ("scaling", ">= 0", "-1")),
+    Row(
+        "density above one",
         lambda s: s.merge("--merge.method", "ties", "--merge.method_options", "{density: 1.5}"),
-        ("density", "1.5")),
-    Row("empty re-alignment budget",
+        ("density", "1.5"),
+    ),
+    Row(
+        "empty re-alignment budget",
         lambda s: s.single_task("--data.init_args.train_budget", "0"),
-        ("budget", "empty", "at least 1")),
-    Row("unwritable output folder", _unwritable,
-        ("afile", "output folder", "default_root_dir")),
+        ("budget", "empty", "at least 1"),
+    ),
+    Row("unwritable output folder", _unwritable, ("afile", "output folder", "default_root_dir")),
+    Row(
+        "config key typo on the command line",
+        lambda s: s.single_task("--model.init_args.lr_typo", "1"),
+        ("'lr_typo' is not accepted",),
+        parser_error=True,
+    ),
+    Row(
+        "config key typo in a yaml file",
+        _yaml_typo,
+        ("'lr_typo' is not accepted",),
+        parser_error=True,
+    ),
 ]
 
 
+@pytest.fixture(scope="module")
+def outcomes(
+    request: pytest.FixtureRequest,
+    tmp_path_factory: pytest.TempPathFactory,
+    task_checkpoints: dict[str, Path],
+) -> dict[str, tuple[Setup, subprocess.CompletedProcess[str]]]:
+    """Run the selected rows, two command lines at a time (most of each is start-up)."""
+    selected = {
+        item.callspec.params["row"].name
+        for item in request.session.items
+        if isinstance(getattr(item, "callspec", None) and item.callspec.params.get("row"), Row)
+    }
+    jobs = {}
+    for row in ROWS:
+        if row.name in selected:
+            tmp = tmp_path_factory.mktemp("row")
+            setup = Setup(tmp, tmp / "run", task_checkpoints)
+            jobs[row.name] = (setup, row.build(setup))
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        futures = {
+            name: pool.submit(run_cli, args, setup.tmp) for name, (setup, args) in jobs.items()
+        }
+        return {name: (jobs[name][0], future.result()) for name, future in futures.items()}
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("row", ROWS, ids=[r.name for r in ROWS])
 def test_bad_input_fails_cleanly(
-    row: Row, tmp_path: Path, task_checkpoints: dict[str, Path]
+    row: Row, outcomes: dict[str, tuple[Setup, subprocess.CompletedProcess[str]]]
 ) -> None:
-    setup = Setup(tmp_path, tmp_path / "run", task_checkpoints)
-    args = row.build(setup)
-    proc = run_cli(args, tmp_path)
+    setup, proc = outcomes[row.name]
 
     assert proc.returncode != 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr, proc.stderr[-4000:]
+    assert outputs_in(setup.run_dir) == []
+    assert not (setup.tmp / "marker").exists()
+    if row.parser_error:
+        for word in row.keywords:
+            assert word in proc.stderr, proc.stderr[-4000:]
+        return
     errors = [line for line in proc.stderr.splitlines() if line.startswith(ERROR_PREFIX)]
     assert len(errors) == 1, proc.stderr[-4000:]
     # the message may go on with a layout tree; its first line must name problem and fix
     message = errors[0].lower()
     for word in row.keywords:
         assert word.lower() in message, f"{word!r} not in {errors[0]!r}"
-    assert outputs_in(setup.run_dir) == []
-    assert not (tmp_path / "marker").exists()
 
 
 def test_pickled_payload_would_run_if_unpickled(tmp_path: Path) -> None:
@@ -340,18 +416,3 @@ def test_pickled_payload_would_run_if_unpickled(tmp_path: Path) -> None:
     torch.save({"state_dict": {"weight": WritesAFile(tmp_path / "marker")}}, path)
     torch.load(path, weights_only=False)
     assert (tmp_path / "marker").exists()
-
-
-@pytest.mark.parametrize("where", ["command line", "yaml"])
-def test_config_key_typo_names_the_key(where: str, tmp_path: Path) -> None:
-    setup = Setup(tmp_path, tmp_path / "run", {})
-    if where == "yaml":
-        args = _yaml_typo(setup)
-    else:
-        args = setup.single_task("--model.init_args.lr_typo", "1")
-    proc = run_cli(args, tmp_path)
-
-    assert proc.returncode != 0
-    assert "Traceback" not in proc.stderr, proc.stderr[-4000:]
-    assert "lr_typo" in proc.stderr
-    assert outputs_in(setup.run_dir) == []

@@ -33,16 +33,29 @@ def encoder() -> dict:
 
 
 def data(tasks: list[str], **kwargs: object) -> SyntheticDataModule:
-    return SyntheticDataModule(tasks=tasks, num_train=8, num_val=4, num_test=4, height=32,
-                               width=40, batch_size=4, **kwargs)
+    return SyntheticDataModule(
+        tasks=tasks, num_train=8, num_val=4, num_test=4, height=32, width=40, batch_size=4, **kwargs
+    )
 
 
-def fit(module: L.LightningModule, datamodule: L.LightningDataModule, root: Path,
-        callbacks: list[L.Callback] | None = None) -> dict[str, Tensor]:
-    trainer = L.Trainer(accelerator="cpu", max_steps=2, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False,
-                        num_sanity_val_steps=0, limit_val_batches=0, default_root_dir=root,
-                        callbacks=callbacks or [])
+def fit(
+    module: L.LightningModule,
+    datamodule: L.LightningDataModule,
+    root: Path,
+    callbacks: list[L.Callback] | None = None,
+) -> dict[str, Tensor]:
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        default_root_dir=root,
+        callbacks=callbacks or [],
+    )
     trainer.fit(module, datamodule)
     return {k: v.detach().clone() for k, v in module.state_dict().items()}
 
@@ -72,8 +85,9 @@ def test_foundation_step_is_deterministic(tmp_path: Path) -> None:
 
 def test_single_task_fit_with_augmentation_is_deterministic(tmp_path: Path) -> None:
     def run() -> tuple:
-        module = SIMOModule(tasks=["segmentation"], num_classes=NUM, encoder=encoder(), head=HEAD,
-                            probe_epochs=0)
+        module = SIMOModule(
+            tasks=["segmentation"], num_classes=NUM, encoder=encoder(), head=HEAD, probe_epochs=0
+        )
         return (fit(module, data(["segmentation"], augment=True, scales=(1.0, 1.2)), tmp_path),)
 
     (first,), (second,) = twice(run)
@@ -86,8 +100,12 @@ def task_checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]
     paths = {}
     for i, task in enumerate(TASKS):
         torch.manual_seed(10 + i)
-        module = SIMOModule(tasks=[task], num_classes=NUM if task == "segmentation" else None,
-                            encoder=encoder(), head=HEAD)
+        module = SIMOModule(
+            tasks=[task],
+            num_classes=NUM if task == "segmentation" else None,
+            encoder=encoder(),
+            head=HEAD,
+        )
         with torch.no_grad():
             for param in module.net.encoder.parameters():
                 param.add_(0.02 * torch.randn_like(param))
@@ -102,9 +120,13 @@ def test_merge_alpha_search_and_realignment_are_deterministic(
 ) -> None:
     def run() -> tuple:
         module = SIMOModule(tasks=TASKS, num_classes=NUM, encoder=encoder(), head=HEAD)
-        merge = MergeCallback(checkpoints=task_checkpoints, method=method,
-                              search_grid=[0.0, 0.5, 1.0], realign="heads",
-                              method_options={"drop_rate": 0.5} if method == "dare" else None)
+        merge = MergeCallback(
+            checkpoints=task_checkpoints,
+            method=method,
+            search_grid=[0.0, 0.5, 1.0],
+            realign="heads",
+            method_options={"drop_rate": 0.5} if method == "dare" else None,
+        )
         state = fit(module, data(TASKS, augment=False, train_split="val"), tmp_path, [merge])
         return state, dict(merge.search_scores), merge.alpha
 
@@ -117,8 +139,9 @@ def test_merge_alpha_search_and_realignment_are_deterministic(
 
 def test_joint_mtl_gradnorm_is_deterministic(tmp_path: Path) -> None:
     def run() -> tuple:
-        module = JointMTLModule(tasks=TASKS, num_classes=NUM, encoder=encoder(), head=HEAD,
-                                weighting="gradnorm")
+        module = JointMTLModule(
+            tasks=TASKS, num_classes=NUM, encoder=encoder(), head=HEAD, weighting="gradnorm"
+        )
         return (fit(module, data(TASKS), tmp_path),)
 
     (first,), (second,) = twice(run)

@@ -61,7 +61,13 @@ def make_module(cls: type, bad_step: int, **kwargs: object) -> L.LightningModule
 
 def make_data() -> SyntheticDataModule:
     return SyntheticDataModule(
-        tasks=TASKS, num_train=16, num_val=4, num_test=4, height=32, width=40, batch_size=4,
+        tasks=TASKS,
+        num_train=16,
+        num_val=4,
+        num_test=4,
+        height=32,
+        width=40,
+        batch_size=4,
         augment=False,
     )
 
@@ -83,8 +89,13 @@ def make_trainer(tmp_path: Path, *callbacks: L.Callback, max_epochs: int = 1) ->
 def step_checkpoint(tmp_path: Path) -> ModelCheckpoint:
     """Saves after every step, keeping the best ``train/loss_step`` as ``best.ckpt``."""
     return ModelCheckpoint(
-        dirpath=tmp_path / "checkpoints", filename="best", monitor="train/loss_step", mode="min",
-        every_n_train_steps=1, save_top_k=1, save_last=True,
+        dirpath=tmp_path / "checkpoints",
+        filename="best",
+        monitor="train/loss_step",
+        mode="min",
+        every_n_train_steps=1,
+        save_top_k=1,
+        save_last=True,
     )
 
 
@@ -97,7 +108,9 @@ def test_first_nonfinite_names_the_task_and_value() -> None:
     assert first_nonfinite(finite) is None
     assert first_nonfinite({}) is None
     assert first_nonfinite({"a": torch.tensor(1.0), "b": torch.tensor(float("inf"))}) == (
-        "b", float("inf"))
+        "b",
+        float("inf"),
+    )
     task, value = first_nonfinite({"a": torch.tensor(float("nan")), "b": torch.tensor(1.0)})
     assert task == "a" and value != value  # NaN
 

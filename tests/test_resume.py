@@ -47,8 +47,9 @@ def tiny_encoder() -> dict:
     return {**TINY_VIT, "model_kwargs": dict(TINY_VIT["model_kwargs"]), "checkpoint": None}
 
 
-def tiny_config(root: Path, tasks: list[str], model: dict | None = None,
-                extra: dict | None = None) -> dict:
+def tiny_config(
+    root: Path, tasks: list[str], model: dict | None = None, extra: dict | None = None
+) -> dict:
     config = {
         "seed_everything": 0,
         "trainer": {
@@ -62,16 +63,28 @@ def tiny_config(root: Path, tasks: list[str], model: dict | None = None,
                 {
                     "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
                     # every argument the repo configs set, so that nothing of theirs is kept
-                    "init_args": {"dirpath": "{root}/checkpoints", "filename": None,
-                                  "monitor": None, "save_top_k": -1, "save_last": True},
+                    "init_args": {
+                        "dirpath": "{root}/checkpoints",
+                        "filename": None,
+                        "monitor": None,
+                        "save_top_k": -1,
+                        "save_last": True,
+                    },
                 },
                 {"class_path": "lightning_simo.callbacks.rng.RNGStateCheckpoint"},
             ],
         },
         "model": {"init_args": {"encoder": tiny_encoder(), **(model or {})}},
         "data": {
-            "init_args": {"tasks": tasks, "num_train": 8, "num_val": 4, "num_test": 4,
-                          "height": 32, "width": 40, "batch_size": 4}
+            "init_args": {
+                "tasks": tasks,
+                "num_train": 8,
+                "num_val": 4,
+                "num_test": 4,
+                "height": 32,
+                "width": 40,
+                "batch_size": 4,
+            }
         },
     }
     config.update(extra or {})
@@ -84,8 +97,13 @@ def cli(args: list[str], cwd: Path, log: Path) -> subprocess.Popen:
     # the held run imports tests/resume_hold.py by class path
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(TESTS), env.get("PYTHONPATH")]))
     with open(log, "w") as handle:
-        return subprocess.Popen([sys.executable, "-m", "lightning_simo", *args], cwd=cwd,
-                                env=env, stdout=handle, stderr=subprocess.STDOUT)
+        return subprocess.Popen(
+            [sys.executable, "-m", "lightning_simo", *args],
+            cwd=cwd,
+            env=env,
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+        )
 
 
 def finish(proc: subprocess.Popen, log: Path) -> None:
@@ -117,25 +135,30 @@ def kill_and_resume(tmp_path: Path, config_name: str, config: dict) -> tuple[dic
         run["trainer"]["default_root_dir"] = str(root)
         # the same callback list in all three runs (a resumed run needs the callbacks that made
         # its checkpoint), holding only in one
-        run["trainer"]["callbacks"].append({
-            "class_path": "resume_hold.HoldAtEpoch",
-            "init_args": {"epoch": HOLD_EPOCH if hold else -1, "marker": str(marker)},
-        })
+        run["trainer"]["callbacks"].append(
+            {
+                "class_path": "resume_hold.HoldAtEpoch",
+                "init_args": {"epoch": HOLD_EPOCH if hold else -1, "marker": str(marker)},
+            }
+        )
         path = tmp_path / f"{name}.yaml"
         path.write_text(yaml.safe_dump(run, sort_keys=False))
         return ["fit", "--config", str(CONFIGS / config_name), "--config", str(path)]
 
+    # two processes at a time: the uninterrupted run beside the killed one, then the resumed one
     reference, killed = tmp_path / "reference", tmp_path / "killed"
-    log = tmp_path / "reference.log"
-    finish(cli(args("reference", reference), tmp_path, log), log)
+    logs = {name: tmp_path / f"{name}.log" for name in ("reference", "killed", "resumed")}
+    uninterrupted = cli(args("reference", reference), tmp_path, logs["reference"])
 
     last = killed / "checkpoints" / "last.ckpt"
-    log = tmp_path / "killed.log"
-    kill_when_held(cli(args("killed", killed, hold=True), tmp_path, log), marker, last, log)
+    held = cli(args("killed", killed, hold=True), tmp_path, logs["killed"])
+    kill_when_held(held, marker, last, logs["killed"])
     resumed_from = torch.load(last, map_location="cpu", weights_only=True)["epoch"]
 
-    log = tmp_path / "resumed.log"
-    finish(cli([*args("resumed", killed), "--ckpt_path", str(last)], tmp_path, log), log)
+    resume_args = [*args("resumed", killed), "--ckpt_path", str(last)]
+    resumed = cli(resume_args, tmp_path, logs["resumed"])
+    finish(uninterrupted, logs["reference"])
+    finish(resumed, logs["resumed"])
     return final_state(reference), final_state(killed), resumed_from
 
 
@@ -144,8 +167,11 @@ def assert_same_run(reference: dict, resumed: dict, resumed_from: int) -> None:
     assert resumed["epoch"] == reference["epoch"] == EPOCHS - 1
     assert resumed["global_step"] == reference["global_step"]
     assert reference["state_dict"].keys() == resumed["state_dict"].keys()
-    differ = [k for k, v in reference["state_dict"].items()
-              if not torch.equal(v, resumed["state_dict"][k])]
+    differ = [
+        k
+        for k, v in reference["state_dict"].items()
+        if not torch.equal(v, resumed["state_dict"][k])
+    ]
     assert differ == [], f"{len(differ)} tensors differ, e.g. {differ[:3]}"
 
 
@@ -159,14 +185,24 @@ def single_task_checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[st
         module = SIMOModule(
             tasks=[task],
             num_classes={"segmentation": NUM_CLASSES} if task == "segmentation" else None,
-            encoder=tiny_encoder(), head=HEAD, lr=1e-2,
+            encoder=tiny_encoder(),
+            head=HEAD,
+            lr=1e-2,
         )
-        data = SyntheticDataModule(tasks=[task], num_train=8, num_val=4, num_test=4, height=32,
-                                   width=40, batch_size=4)
-        trainer = L.Trainer(accelerator="cpu", max_steps=2, logger=False,
-                            enable_checkpointing=False, enable_progress_bar=False,
-                            enable_model_summary=False, num_sanity_val_steps=0,
-                            limit_val_batches=0, default_root_dir=folder)
+        data = SyntheticDataModule(
+            tasks=[task], num_train=8, num_val=4, num_test=4, height=32, width=40, batch_size=4
+        )
+        trainer = L.Trainer(
+            accelerator="cpu",
+            max_steps=2,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            num_sanity_val_steps=0,
+            limit_val_batches=0,
+            default_root_dir=folder,
+        )
         trainer.fit(module, data)
         paths[task] = str(folder / f"{task}.ckpt")
         trainer.save_checkpoint(paths[task], weights_only=True)
@@ -188,8 +224,12 @@ def test_resume_single_task(tmp_path: Path) -> None:
 def test_resume_merge_and_realign(
     realign: str, tmp_path: Path, single_task_checkpoints: dict[str, str]
 ) -> None:
-    merge = {"checkpoints": single_task_checkpoints, "search_grid": [0.5, 1.0],
-             "realign": realign, "adapter_rank": 4}
+    merge = {
+        "checkpoints": single_task_checkpoints,
+        "search_grid": [0.5, 1.0],
+        "realign": realign,
+        "adapter_rank": 4,
+    }
     config = tiny_config(tmp_path, TASKS, extra={"merge": merge})
     reference, resumed, start = kill_and_resume(tmp_path, "merge.yaml", config)
     assert_same_run(reference, resumed, start)

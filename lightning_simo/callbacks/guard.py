@@ -11,6 +11,8 @@ the module sees them there), so no optimizer step ever uses a non-finite loss:
   "best" one);
 * ``skip`` makes the module return ``None`` from ``training_step``, Lightning's way of skipping a
   batch under automatic optimisation (no backward, no weight update), and warns once per batch.
+  The batch's forward pass has run, so BatchNorm running statistics did see it: a NaN coming
+  from the inputs (not only from a loss) can still reach them, which ``stop`` reports instead.
 
 The module asks the guard through its ``nonfinite_guard`` attribute, which this callback sets in
 ``setup`` (``SIMOModule`` and its subclasses carry it).
@@ -63,7 +65,9 @@ class NonFiniteGuard(L.Callback):
 
     def __init__(self, action: str = "stop") -> None:
         if action not in GUARD_ACTIONS:
-            raise ValueError(f"NonFiniteGuard action must be one of {GUARD_ACTIONS}, got {action!r}.")
+            raise ValueError(
+                f"NonFiniteGuard action must be one of {GUARD_ACTIONS}, got {action!r}."
+            )
         self.action = action
         self.skipped = 0
 

@@ -189,8 +189,9 @@ class MergeCallback(L.Callback):
             weights, name = encoder_state_dict(state), f"{task} checkpoint {path!r}"
             # encoder first: another backbone also changes the head's shapes, but is the cause
             try:
-                check_compatible(theta0, [weights], names=[name],
-                                 reference_name="pretrained encoder")
+                check_compatible(
+                    theta0, [weights], names=[name], reference_name="pretrained encoder"
+                )
             except ValueError as err:
                 raise ValueError(
                     f"{err}. Merge only checkpoints fine-tuned from this model's encoder (same "
