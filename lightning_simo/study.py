@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import statistics
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -25,9 +26,13 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from lightning_simo.io import atomic_write, atomic_write_text, ensure_writable_dir
 
-__all__ = ["Stage", "StudySettings", "main", "plan_stages", "run_study"]
+__all__ = ["Stage", "StageError", "StudySettings", "main", "plan_stages", "run_study"]
 
 DONE_FILE = "stage.json"
+
+
+class StageError(RuntimeError):
+    """A stage of the study exited with an error (its own message was printed already)."""
 
 
 @dataclass
@@ -257,10 +262,17 @@ def run_stage(stage: Stage, force: bool, runner: Callable[[list[str]], None] = _
     ensure_writable_dir(stage.folder)
     rank_zero_info(f"[study] {stage.name} ...")
     start = time.perf_counter()
-    if stage.fit is not None:
-        runner(["fit", *stage.fit])
-    if stage.test is not None:
-        runner(["test", *stage.test])
+    for command, args in (("fit", stage.fit), ("test", stage.test)):
+        if args is None:
+            continue
+        try:
+            runner([command, *args])
+        except SystemExit as exit_info:
+            if exit_info.code not in (0, None):
+                raise StageError(
+                    f"study stage {stage.name!r} failed during `{command}` (the error is printed "
+                    f"above); fix it and rerun: complete stages are skipped."
+                ) from None
     record = {"status": "done", "wall_time_s": time.perf_counter() - start}
     atomic_write_text(stage.done_file, json.dumps(record, indent=2))
     return record
@@ -399,28 +411,26 @@ def run_study(
     settings: StudySettings, runner: Callable[[list[str]], None] = _run_cli
 ) -> list[dict[str, Any]]:
     """Run (or resume) the study and write its tables and figures; returns the summary rows."""
-    from rich.progress import Progress
-
     from lightning_simo.evaluation import write_results
 
     out = ensure_writable_dir(settings.out)
     per_seed = []
     plans = {seed: plan_stages(settings, seed) for seed in range(settings.seeds)}
     total = sum(len(p) for p in plans.values())
-    with Progress(transient=False) as progress:
-        bar = progress.add_task("study", total=total)
-        for seed, stages in plans.items():
-            rows, single = [], []
-            for stage in stages:
-                progress.update(bar, description=f"seed {seed}: {stage.name}")
-                record = run_stage(stage, settings.force, runner)
-                row = collect_row(stage, record, settings)
-                if row is not None:
-                    (single if row.get("group") == "single-task" else rows).append(row)
-                progress.advance(bar)
-            if single:
-                rows.insert(0, _single_task_row(single))
-            per_seed.append(rows)
+    done = 0
+    for seed, stages in plans.items():
+        rows, single = [], []
+        for stage in stages:
+            done += 1
+            # one line per stage: each stage shows Lightning's own progress bar
+            rank_zero_info(f"[study] ({done}/{total}) seed {seed}: {stage.name}")
+            record = run_stage(stage, settings.force, runner)
+            row = collect_row(stage, record, settings)
+            if row is not None:
+                (single if row.get("group") == "single-task" else rows).append(row)
+        if single:
+            rows.insert(0, _single_task_row(single))
+        per_seed.append(rows)
     summary = summarise(per_seed, settings.tasks)
     columns = table_columns(summary, settings.tasks)
     table_rows = [{c: r.get(c) for c in columns} for r in summary]
@@ -450,4 +460,8 @@ def main(args: list[str] | None = None) -> None:
     settings = StudySettings(**{k: v for k, v in vars(init).items() if k in fields})
     if settings.seeds < 1:
         raise ValueError(f"--seeds must be >= 1, got {settings.seeds}.")
-    run_study(settings)
+    try:
+        run_study(settings)
+    except StageError as err:
+        print(f"lightning_simo: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_simo.models.encoders import Encoder, EncoderConfig
+from lightning_simo.modules.schedules import one_cycle
 
 __all__ = ["FoundationModule"]
 
@@ -94,11 +95,6 @@ class FoundationModule(L.LightningModule):
         opt = torch.optim.AdamW(
             self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay
         )
-        sched = torch.optim.lr_scheduler.OneCycleLR(
-            opt,
-            max_lr=self.hparams.lr,
-            total_steps=max(int(self.trainer.estimated_stepping_batches), 1),
-            pct_start=self.hparams.warmup_fraction,
-            cycle_momentum=False,
-        )
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        total = int(self.trainer.estimated_stepping_batches)
+        return {"optimizer": opt,
+                "lr_scheduler": one_cycle(opt, total, self.hparams.warmup_fraction)}

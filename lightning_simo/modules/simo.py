@@ -22,6 +22,7 @@ from lightning_simo.evaluation import delta_mtl, normalized_performance
 from lightning_simo.models.encoders import EncoderConfig, EncoderOutput
 from lightning_simo.models.heads import HeadConfig
 from lightning_simo.models.simo import SIMONet
+from lightning_simo.modules.schedules import one_cycle
 from lightning_simo.tasks import Task, build_tasks
 
 __all__ = ["SIMOModule", "load_reference_metrics"]
@@ -313,15 +314,8 @@ class SIMOModule(L.LightningModule):
         if self.hparams.schedule == "constant":
             return opt
         total = int(self.trainer.estimated_stepping_batches)
-        sched = torch.optim.lr_scheduler.OneCycleLR(
-            opt,
-            max_lr=[g["lr"] for g in groups],
-            total_steps=max(total, 1),
-            pct_start=max(self.hparams.warmup_fraction, 1e-6),
-            anneal_strategy="cos",
-            cycle_momentum=False,
-        )
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        return {"optimizer": opt,
+                "lr_scheduler": one_cycle(opt, total, self.hparams.warmup_fraction)}
 
     def on_fit_start(self) -> None:
         if self.logger is not None:
