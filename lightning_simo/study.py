@@ -452,9 +452,21 @@ def build_parser() -> ArgumentParser:
     return parser
 
 
+def _flags_as_switches(args: list[str]) -> list[str]:
+    """``--force`` alone means ``--force=true`` (jsonargparse wants a value for booleans)."""
+    out = []
+    for i, arg in enumerate(args):
+        nxt = args[i + 1].lower() if i + 1 < len(args) else ""
+        if arg == "--force" and nxt not in ("true", "false"):
+            arg = "--force=true"
+        out.append(arg)
+    return out
+
+
 def main(args: list[str] | None = None) -> None:
     parser = build_parser()
-    cfg = parser.parse_args(args)
+    argv = sys.argv[1:] if args is None else list(args)
+    cfg = parser.parse_args(_flags_as_switches(argv))
     init = parser.instantiate_classes(cfg)
     fields = {f for f in StudySettings.__dataclass_fields__}
     settings = StudySettings(**{k: v for k, v in vars(init).items() if k in fields})

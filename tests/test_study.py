@@ -88,3 +88,12 @@ def test_tiny_study_runs_every_stage_and_skips_on_rerun(tmp_path):
     assert len(calls) == sum(
         (s.fit is not None) + (s.test is not None) for s in plan_stages(settings, 0)
     )
+
+
+def test_force_is_a_switch_on_the_command_line():
+    from lightning_simo.study import _flags_as_switches, build_parser
+
+    assert _flags_as_switches(["--force", "--seeds", "2"]) == ["--force=true", "--seeds", "2"]
+    assert _flags_as_switches(["--force", "false"]) == ["--force", "false"]
+    cfg = build_parser().parse_args(_flags_as_switches(["--force"]))
+    assert cfg.force is True
