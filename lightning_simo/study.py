@@ -390,9 +390,10 @@ def write_figures(rows: list[dict[str, Any]], out: Path) -> list[Path]:
         xs = [100 * r["budget"] for r in budget] + ([100.0] if full else [])
         ys = [r.get("delta_mtl_ratio") for r in budget] + ([full.get("delta_mtl_ratio")] if full else [])
         ax.plot(xs, ys, marker="o", label="merge + head re-alignment")
-        for r in rows:
-            if r["group"] == "mtl" and r.get("delta_mtl_ratio") is not None:
-                ax.axhline(r["delta_mtl_ratio"], linestyle="--", linewidth=1, label=r["method"])
+        mtl = [r for r in rows if r["group"] == "mtl" and r.get("delta_mtl_ratio") is not None]
+        for i, r in enumerate(mtl):
+            ax.axhline(r["delta_mtl_ratio"], linestyle="--", linewidth=1, color=f"C{i + 1}",
+                       label=r["method"])
         ax.set_xscale("log")
         ax.set_xlabel("labelled re-alignment samples (% of the val split)")
         ax.set_ylabel("Δ_MTL (ratio form, %)")
