@@ -279,9 +279,8 @@ def test_cli_fit_then_test_reports_delta_mtl(tmp_path: Path) -> None:
         "--trainer.default_root_dir",
         str(root),
     ]
-    # Lightning takes a checkpoint's hyper-parameters over the command line at `test`, so the
-    # reference metrics are given when fitting (as the YAML does).
-    main(["fit", *common, "--model.reference_metrics", f"[{reference}]"])
+    # no reference at fit: `test` must take the one given now over the checkpoint's
+    main(["fit", *common, "--model.reference_metrics", "[]"])
     ckpt = root / "checkpoints" / "last.ckpt"
     assert ckpt.is_file()
     weights = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"][
@@ -289,7 +288,7 @@ def test_cli_fit_then_test_reports_delta_mtl(tmp_path: Path) -> None:
     ]
     assert float(weights.sum()) == pytest.approx(3.0, abs=1e-5)
 
-    main(["test", *common, "--ckpt_path", str(ckpt)])
+    main(["test", *common, "--ckpt_path", str(ckpt), "--model.reference_metrics", f"[{reference}]"])
     result = json.loads((root / "test_metrics.json").read_text())
     assert result["tasks"] == TASKS
     metrics = result["metrics"]
