@@ -81,8 +81,9 @@ def encoder_config(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def make_checkpoints(folder: Path, encoder: dict[str, Any], num_classes: dict[str, int],
-                     seed: int = 0) -> tuple[str, dict[str, str]]:
+def make_checkpoints(
+    folder: Path, encoder: dict[str, Any], num_classes: dict[str, int], seed: int = 0
+) -> tuple[str, dict[str, str]]:
     """θ0 as a foundation-like checkpoint and one single-task checkpoint per task."""
     torch.manual_seed(seed)
     theta0 = Encoder(encoder).state_dict()
@@ -90,8 +91,12 @@ def make_checkpoints(folder: Path, encoder: dict[str, Any], num_classes: dict[st
     torch.save({"state_dict": {"encoder." + k: v for k, v in theta0.items()}}, foundation)
     paths = {}
     for task in TASKS:
-        single = SIMOModule(tasks=[task], num_classes=num_classes,
-                            encoder={**encoder, "checkpoint": str(foundation)}, head=HEAD)
+        single = SIMOModule(
+            tasks=[task],
+            num_classes=num_classes,
+            encoder={**encoder, "checkpoint": str(foundation)},
+            head=HEAD,
+        )
         with torch.no_grad():
             for p in single.net.encoder.parameters():
                 p.add_(0.01 * torch.randn_like(p))
@@ -111,8 +116,14 @@ def run_realignment(
 ) -> tuple[EpochTimer, SIMOModule]:
     """Head re-alignment for ``epochs`` epochs; the timer holds the seconds of each epoch."""
     L.seed_everything(0, verbose=False)
-    module = SIMOModule(tasks=list(TASKS), num_classes=dm.num_classes, encoder=encoder,
-                        head=HEAD, head_lr=1e-3, schedule="constant")
+    module = SIMOModule(
+        tasks=list(TASKS),
+        num_classes=dm.num_classes,
+        encoder=encoder,
+        head=HEAD,
+        head_lr=1e-3,
+        schedule="constant",
+    )
     timer = EpochTimer()
     trainer = L.Trainer(
         accelerator=accelerator,
@@ -126,8 +137,9 @@ def run_realignment(
         enable_progress_bar=False,
         enable_model_summary=False,
         callbacks=[
-            MergeCallback(checkpoints=checkpoints, scaling=0.5, realign="heads",
-                          cache_features=cache),
+            MergeCallback(
+                checkpoints=checkpoints, scaling=0.5, realign="heads", cache_features=cache
+            ),
             timer,
         ],
     )
@@ -160,23 +172,32 @@ def main() -> None:
         parser.error("--epochs must be >= 2: the cache pays off from the second epoch on")
 
     dm = SyntheticDataModule(
-        tasks=list(TASKS), num_train=1, num_val=args.images, num_test=1, height=args.height,
-        width=args.width, batch_size=args.batch_size, augment=False, train_split="val",
+        tasks=list(TASKS),
+        num_train=1,
+        num_val=args.images,
+        num_test=1,
+        height=args.height,
+        width=args.width,
+        batch_size=args.batch_size,
+        augment=False,
+        train_split="val",
     )
     start = time.perf_counter()
     dm.scenes("val")  # rendered once, outside the timings, shared by both runs
     render = time.perf_counter() - start
 
     with tempfile.TemporaryDirectory() as tmp:
-        foundation, checkpoints = make_checkpoints(Path(tmp), encoder_config(args),
-                                                   dm.num_classes)
+        foundation, checkpoints = make_checkpoints(Path(tmp), encoder_config(args), dm.num_classes)
         encoder = {**encoder_config(args), "checkpoint": foundation}
-        run_realignment(dm, encoder, checkpoints, False, 1, args.accelerator,
-                        limit_train_batches=1)  # warm-up, not timed
-        direct_timer, _ = run_realignment(dm, encoder, checkpoints, False, args.epochs,
-                                          args.accelerator)
-        cached_timer, module = run_realignment(dm, encoder, checkpoints, True, args.epochs,
-                                               args.accelerator)
+        run_realignment(
+            dm, encoder, checkpoints, False, 1, args.accelerator, limit_train_batches=1
+        )  # warm-up, not timed
+        direct_timer, _ = run_realignment(
+            dm, encoder, checkpoints, False, args.epochs, args.accelerator
+        )
+        cached_timer, module = run_realignment(
+            dm, encoder, checkpoints, True, args.epochs, args.accelerator
+        )
     direct, cached = direct_timer.seconds, cached_timer.seconds
     direct_cpu, cached_cpu = direct_timer.cpu_seconds, cached_timer.cpu_seconds
 
@@ -195,15 +216,19 @@ def main() -> None:
         f"scenes rendered in {render:.1f} s (not timed)"
     )
     print(f"{'':5s} {'---------- wall ----------':>34s} {'---------- CPU ----------':>34s}")
-    print(f"{'epoch':>5s} {'encoder (s)':>12s} {'cached (s)':>11s} {'speed-up':>9s} "
-          f"{'encoder (s)':>12s} {'cached (s)':>11s} {'speed-up':>9s}")
+    print(
+        f"{'epoch':>5s} {'encoder (s)':>12s} {'cached (s)':>11s} {'speed-up':>9s} "
+        f"{'encoder (s)':>12s} {'cached (s)':>11s} {'speed-up':>9s}"
+    )
     rows = zip(direct, cached, direct_cpu, cached_cpu, strict=True)
     for i, (d, c, dc, cc) in enumerate(rows, start=1):
         print(f"{i:5d} {d:12.3f} {c:11.3f} {d / c:8.2f}x {dc:12.3f} {cc:11.3f} {dc / cc:8.2f}x")
     total_d, total_c = sum(direct), sum(cached)
     cpu_d, cpu_c = sum(direct_cpu), sum(cached_cpu)
-    print(f"{'all':>5s} {total_d:12.3f} {total_c:11.3f} {total_d / total_c:8.2f}x "
-          f"{cpu_d:12.3f} {cpu_c:11.3f} {cpu_d / cpu_c:8.2f}x")
+    print(
+        f"{'all':>5s} {total_d:12.3f} {total_c:11.3f} {total_d / total_c:8.2f}x "
+        f"{cpu_d:12.3f} {cpu_c:11.3f} {cpu_d / cpu_c:8.2f}x"
+    )
     later_d, later_c = _later(direct), _later(cached)
     print(
         f"seconds per epoch after the first (median): {later_d:.3f} with the encoder, "
@@ -211,8 +236,10 @@ def main() -> None:
         f"cache): {direct[0]:.3f} vs {cached[0]:.3f} s; whole run {total_d / total_c:.2f}x"
     )
     later_dc, later_cc = _later(direct_cpu), _later(cached_cpu)
-    print(f"CPU seconds per epoch after the first (median): {later_dc:.3f} vs {later_cc:.3f} "
-          f"-> {later_dc / later_cc:.2f}x")
+    print(
+        f"CPU seconds per epoch after the first (median): {later_dc:.3f} vs {later_cc:.3f} "
+        f"-> {later_dc / later_cc:.2f}x"
+    )
 
 
 if __name__ == "__main__":

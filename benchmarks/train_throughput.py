@@ -70,15 +70,31 @@ class Setup:
 SIZES: dict[str, Setup] = {
     "paper": Setup(
         encoder={"name": "vit_base_patch14_dinov2", "indices": [2, 5, 8, 11]},
-        head={"kind": "linear", "upsample": 1}, height=280, width=378, batch_size=16,
-        steps=50, warmup=10,
+        head={"kind": "linear", "upsample": 1},
+        height=280,
+        width=378,
+        batch_size=16,
+        steps=50,
+        warmup=10,
     ),
     "tiny": Setup(
-        encoder={"name": "vit_small_patch16_224", "indices": [0, 1, 2, 3],
-                 "model_kwargs": {"patch_size": 8, "embed_dim": 32, "depth": 4,
-                                  "num_heads": 2, "img_size": [32, 40]}},
-        head={"kind": "linear", "upsample": 4}, height=32, width=40, batch_size=8,
-        steps=20, warmup=3,
+        encoder={
+            "name": "vit_small_patch16_224",
+            "indices": [0, 1, 2, 3],
+            "model_kwargs": {
+                "patch_size": 8,
+                "embed_dim": 32,
+                "depth": 4,
+                "num_heads": 2,
+                "img_size": [32, 40],
+            },
+        },
+        head={"kind": "linear", "upsample": 4},
+        height=32,
+        width=40,
+        batch_size=8,
+        steps=20,
+        warmup=3,
     ),
 }
 
@@ -92,8 +108,13 @@ def make_batch(setup: Setup, batch_size: int, device: torch.device) -> dict[str,
     depth = 0.5 + 9.5 * torch.rand(b, 1, h, w, generator=g)
     depth[torch.rand(b, 1, h, w, generator=g) < 0.05] = 0.0
     normals = nn.functional.normalize(torch.randn(b, 3, h, w, generator=g), dim=1)
-    batch = {"image": torch.rand(b, 3, h, w, generator=g), "segmentation": labels,
-             "depth": depth, "normals": normals, "index": torch.arange(b)}
+    batch = {
+        "image": torch.rand(b, 3, h, w, generator=g),
+        "segmentation": labels,
+        "depth": depth,
+        "normals": normals,
+        "index": torch.arange(b),
+    }
     return {k: v.to(device) for k, v in batch.items()}
 
 
@@ -110,8 +131,14 @@ def _sync(device: torch.device) -> None:
 
 
 # ----------------------------------------------------------------------------- plain PyTorch
-def plain_throughput(setup: Setup, batch: Mapping[str, Tensor], precision: str, steps: int,
-                     warmup: int, compile_model: bool) -> tuple[float, float]:
+def plain_throughput(
+    setup: Setup,
+    batch: Mapping[str, Tensor],
+    precision: str,
+    steps: int,
+    warmup: int,
+    compile_model: bool,
+) -> tuple[float, float]:
     """Images/s of a hand-written loop, and its first-step loss."""
     device = batch["image"].device
     torch.manual_seed(0)
@@ -120,8 +147,10 @@ def plain_throughput(setup: Setup, batch: Mapping[str, Tensor], precision: str, 
     net.to(device).train()
     head_ids = {id(p) for p in net.heads.parameters()}
     optimizer = torch.optim.AdamW(
-        [{"params": [p for p in net.parameters() if id(p) not in head_ids], "lr": LR},
-         {"params": list(net.heads.parameters()), "lr": HEAD_LR}],
+        [
+            {"params": [p for p in net.parameters() if id(p) not in head_ids], "lr": LR},
+            {"params": list(net.heads.parameters()), "lr": HEAD_LR},
+        ],
         weight_decay=WEIGHT_DECAY,
     )
     if compile_model:
@@ -170,14 +199,21 @@ class _Timer(L.Callback):
         self.start = self.elapsed = 0.0
         self.first_loss = float("nan")
 
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule,
-                             batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         if batch_idx == self.warmup:
             _sync(self.device)
             self.start = time.perf_counter()
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule,
-                           outputs: Any, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
         if batch_idx == 0:
             self.first_loss = float(outputs["loss"])
         if batch_idx == self.last:
@@ -185,14 +221,27 @@ class _Timer(L.Callback):
             self.elapsed = time.perf_counter() - self.start
 
 
-def suite_throughput(setup: Setup, batch: Mapping[str, Tensor], precision: str, steps: int,
-                     warmup: int, compile_model: bool) -> tuple[float, float]:
+def suite_throughput(
+    setup: Setup,
+    batch: Mapping[str, Tensor],
+    precision: str,
+    steps: int,
+    warmup: int,
+    compile_model: bool,
+) -> tuple[float, float]:
     """Images/s of ``SIMOModule`` under ``Trainer.fit``, and its first-step loss."""
     device = batch["image"].device
     torch.manual_seed(0)
-    module = SIMOModule(tasks=list(TASKS), num_classes=NUM_CLASSES, encoder=setup.encoder,
-                        head=setup.head, lr=LR, head_lr=HEAD_LR, weight_decay=WEIGHT_DECAY,
-                        schedule="constant")
+    module = SIMOModule(
+        tasks=list(TASKS),
+        num_classes=NUM_CLASSES,
+        encoder=setup.encoder,
+        head=setup.head,
+        lr=LR,
+        head_lr=HEAD_LR,
+        weight_decay=WEIGHT_DECAY,
+        schedule="constant",
+    )
     if compile_model:
         _compile(module.net)
     total = warmup + steps
@@ -200,10 +249,18 @@ def suite_throughput(setup: Setup, batch: Mapping[str, Tensor], precision: str, 
     accelerator = "cpu" if device.type == "cpu" else "gpu"
     devices: Any = 1 if device.type == "cpu" else [device.index or 0]
     trainer = L.Trainer(
-        accelerator=accelerator, devices=devices, precision=PRECISIONS[precision],
-        max_steps=total, max_epochs=1, limit_val_batches=0, num_sanity_val_steps=0,
-        enable_progress_bar=False, logger=False, enable_checkpointing=False,
-        enable_model_summary=False, callbacks=[timer],
+        accelerator=accelerator,
+        devices=devices,
+        precision=PRECISIONS[precision],
+        max_steps=total,
+        max_epochs=1,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        enable_progress_bar=False,
+        logger=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        callbacks=[timer],
     )
     trainer.fit(module, train_dataloaders=_RepeatedBatch(batch, total))
     return steps * batch["image"].shape[0] / timer.elapsed, timer.first_loss
@@ -217,8 +274,9 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, help="timed steps (default: per size)")
     parser.add_argument("--warmup", type=int, help="untimed steps first (default: per size)")
     parser.add_argument("--batch-size", type=int, help="images per step (default: per size)")
-    parser.add_argument("--precision", nargs="+", choices=sorted(PRECISIONS),
-                        default=["fp32", "bf16"])
+    parser.add_argument(
+        "--precision", nargs="+", choices=sorted(PRECISIONS), default=["fp32", "bf16"]
+    )
     parser.add_argument("--compile", action="store_true", help="torch.compile encoder and heads")
     parser.add_argument("--repeat", type=int, default=3, help="measurements per side (median)")
     args = parser.parse_args(argv)
@@ -245,26 +303,34 @@ def main(argv: list[str] | None = None) -> int:
     warmup = args.warmup or setup.warmup
     batch_size = args.batch_size or setup.batch_size
     batch = make_batch(setup, batch_size, device)
-    print(f"size={args.size} ({setup.encoder['name']}, {setup.height}x{setup.width}), "
-          f"batch={batch_size}, device={device}, steps={steps} (+{warmup} warm-up), "
-          f"compile={args.compile}, repeat={args.repeat}, torch {torch.__version__}, "
-          f"lightning {L.__version__}, threads={torch.get_num_threads()}")
-    print(f"{'precision':<10}{'plain img/s':>13}{'suite img/s':>13}{'suite/plain':>13}"
-          f"{'first loss plain / suite':>30}")
+    print(
+        f"size={args.size} ({setup.encoder['name']}, {setup.height}x{setup.width}), "
+        f"batch={batch_size}, device={device}, steps={steps} (+{warmup} warm-up), "
+        f"compile={args.compile}, repeat={args.repeat}, torch {torch.__version__}, "
+        f"lightning {L.__version__}, threads={torch.get_num_threads()}"
+    )
+    print(
+        f"{'precision':<10}{'plain img/s':>13}{'suite img/s':>13}{'suite/plain':>13}"
+        f"{'first loss plain / suite':>30}"
+    )
     worst = float("inf")
     for precision in args.precision:
         plain, suite = [], []
         for _ in range(args.repeat):
-            rate, plain_loss = plain_throughput(setup, batch, precision, steps, warmup,
-                                                args.compile)
+            rate, plain_loss = plain_throughput(
+                setup, batch, precision, steps, warmup, args.compile
+            )
             plain.append(rate)
-            rate, suite_loss = suite_throughput(setup, batch, precision, steps, warmup,
-                                                args.compile)
+            rate, suite_loss = suite_throughput(
+                setup, batch, precision, steps, warmup, args.compile
+            )
             suite.append(rate)
         ratio = statistics.median(suite) / statistics.median(plain)
         worst = min(worst, ratio)
-        print(f"{precision:<10}{statistics.median(plain):>13.4g}{statistics.median(suite):>13.4g}"
-              f"{ratio:>13.3f}{plain_loss:>18.6f} / {suite_loss:.6f}")
+        print(
+            f"{precision:<10}{statistics.median(plain):>13.4g}{statistics.median(suite):>13.4g}"
+            f"{ratio:>13.3f}{plain_loss:>18.6f} / {suite_loss:.6f}"
+        )
     verdict = "yes" if worst >= 0.95 else "no"
     print(f"suite within 5% of the plain loop: {verdict} (worst ratio {worst:.3f})")
     return 0

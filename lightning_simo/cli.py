@@ -101,7 +101,6 @@ class SIMOCLI(LightningCLI):
         if model_args is not None:
             config["model"]["init_args"] = _expand(model_args, names)
 
-
     def after_instantiate_classes(self) -> None:
         super().after_instantiate_classes()
         if not self.subcommand or not self.config[self.subcommand].get("ckpt_path"):
@@ -121,10 +120,16 @@ class SIMOCLI(LightningCLI):
 
 
 EXTRA_COMMANDS: dict[str, tuple[str, str]] = {
-    "study": ("lightning_simo.study", "run the whole comparison (pretrain, fine-tune, merge, "
-              "re-align, joint MTL, test) and write a results table"),
-    "analyze": ("lightning_simo.analysis", "task relationships: λ sweeps per task vector, cosine "
-                "similarities and norms of the task vectors"),
+    "study": (
+        "lightning_simo.study",
+        "run the whole comparison (pretrain, fine-tune, merge, "
+        "re-align, joint MTL, test) and write a results table",
+    ),
+    "analyze": (
+        "lightning_simo.analysis",
+        "task relationships: λ sweeps per task vector, cosine "
+        "similarities and norms of the task vectors",
+    ),
 }
 """Commands beyond Lightning's fit/validate/test/predict, each a module with ``main(args)``."""
 
@@ -158,8 +163,10 @@ def build_cli(args: list[str] | None, run: bool = True) -> SIMOCLI:
         args=args,
         run=run,
         auto_configure_optimizers=False,
-        parser_kwargs={"epilog": _extra_commands_help(),
-                       "formatter_class": argparse.RawDescriptionHelpFormatter},
+        parser_kwargs={
+            "epilog": _extra_commands_help(),
+            "formatter_class": argparse.RawDescriptionHelpFormatter,
+        },
     )
 
 

@@ -133,16 +133,29 @@ def plan_stages(s: StudySettings, seed: int) -> list[Stage]:
         Stage(
             "foundation",
             found,
-            ["--config", cfg["foundation"], *common, f"--trainer.default_root_dir={found}",
-             f"--trainer.max_epochs={s.foundation_epochs}",
-             f"--data.num_train={s.foundation_images}", f"--data.seed={1000 + seed}"],
+            [
+                "--config",
+                cfg["foundation"],
+                *common,
+                f"--trainer.default_root_dir={found}",
+                f"--trainer.max_epochs={s.foundation_epochs}",
+                f"--data.num_train={s.foundation_images}",
+                f"--data.seed={1000 + seed}",
+            ],
             None,
         )
     ]
     single = {t: root / "single_task" / t for t in s.tasks}
     for task, folder in single.items():
-        args = ["--config", cfg["single_task"], *common, *data, *encoder,
-                f"--data.tasks={_yaml([task])}", f"--trainer.default_root_dir={folder}"]
+        args = [
+            "--config",
+            cfg["single_task"],
+            *common,
+            *data,
+            *encoder,
+            f"--data.tasks={_yaml([task])}",
+            f"--trainer.default_root_dir={folder}",
+        ]
         stages.append(
             Stage(
                 f"single_task/{task}",
@@ -154,13 +167,24 @@ def plan_stages(s: StudySettings, seed: int) -> list[Stage]:
         )
     checkpoints = {t: str(f / "checkpoints" / "best.ckpt") for t, f in single.items()}
     references = [str(f / "test_metrics.json") for f in single.values()]
-    merge_common = [*common, *data, *encoder, f"--data.tasks={_yaml(s.tasks)}",
-                    f"--merge.checkpoints={_yaml(checkpoints)}",
-                    f"--model.reference_metrics={_yaml(references)}"]
+    merge_common = [
+        *common,
+        *data,
+        *encoder,
+        f"--data.tasks={_yaml(s.tasks)}",
+        f"--merge.checkpoints={_yaml(checkpoints)}",
+        f"--model.reference_metrics={_yaml(references)}",
+    ]
 
     def merge_args(method: str, realign: str, folder: Path, config: str) -> list[str]:
-        args = ["--config", config, *merge_common, f"--merge.method={method}",
-                f"--merge.realign={realign}", f"--trainer.default_root_dir={folder}"]
+        args = [
+            "--config",
+            config,
+            *merge_common,
+            f"--merge.method={method}",
+            f"--merge.realign={realign}",
+            f"--trainer.default_root_dir={folder}",
+        ]
         if method in s.method_options:
             args.append(f"--merge.method_options={_yaml(s.method_options[method])}")
         if method in s.search_grids:
@@ -169,15 +193,24 @@ def plan_stages(s: StudySettings, seed: int) -> list[Stage]:
 
     zero = root / "merge" / "theta0-heads"
     stages.append(
-        Stage("merge/theta0-heads", zero, None,
-              [*merge_args("task_arithmetic", "none", zero, cfg["merge"]), "--merge.scaling=0"],
-              {"method": "θ0 + fine-tuned heads", "group": "reference"})
+        Stage(
+            "merge/theta0-heads",
+            zero,
+            None,
+            [*merge_args("task_arithmetic", "none", zero, cfg["merge"]), "--merge.scaling=0"],
+            {"method": "θ0 + fine-tuned heads", "group": "reference"},
+        )
     )
     for method in s.merge_methods:
         folder = root / "merge" / f"{method}-none"
         stages.append(
-            Stage(f"merge/{method}", folder, None, merge_args(method, "none", folder, cfg["merge"]),
-                  {"method": method, "group": "merge"})
+            Stage(
+                f"merge/{method}",
+                folder,
+                None,
+                merge_args(method, "none", folder, cfg["merge"]),
+                {"method": method, "group": "merge"},
+            )
         )
     for method in s.realign_methods:
         for mode in s.realign_modes:
@@ -192,8 +225,11 @@ def plan_stages(s: StudySettings, seed: int) -> list[Stage]:
                     folder,
                     [*args, f"--trainer.max_epochs={s.realign_epochs}"],
                     [*args, f"--ckpt_path={folder / 'checkpoints' / 'last.ckpt'}"],
-                    {"method": f"{method} + {mode} re-align", "group": f"realign-{mode}",
-                     "labelled": mode != "tinting"},
+                    {
+                        "method": f"{method} + {mode} re-align",
+                        "group": f"realign-{mode}",
+                        "labelled": mode != "tinting",
+                    },
                     requires=config,
                 )
             )
@@ -201,24 +237,37 @@ def plan_stages(s: StudySettings, seed: int) -> list[Stage]:
         method = s.realign_methods[0]
         for budget in s.budgets:
             folder = root / "budget" / f"{method}-heads-{budget:g}"
-            args = [*merge_args(method, "heads", folder, cfg["merge"]),
-                    f"--data.train_budget={budget}"]
+            args = [
+                *merge_args(method, "heads", folder, cfg["merge"]),
+                f"--data.train_budget={budget}",
+            ]
             stages.append(
                 Stage(
                     f"budget/{budget:g}",
                     folder,
                     [*args, f"--trainer.max_epochs={s.realign_epochs}"],
                     [*args, f"--ckpt_path={folder / 'checkpoints' / 'last.ckpt'}"],
-                    {"method": f"{method} + heads ({budget:.0%} labels)", "group": "budget",
-                     "budget": budget, "labelled": True},
+                    {
+                        "method": f"{method} + heads ({budget:.0%} labels)",
+                        "group": "budget",
+                        "budget": budget,
+                        "labelled": True,
+                    },
                 )
             )
     for weighting in s.mtl_weightings:
         folder = root / "mtl" / weighting
-        args = ["--config", cfg["mtl"], *common, *data, *encoder,
-                f"--data.tasks={_yaml(s.tasks)}", f"--model.weighting={weighting}",
-                f"--model.reference_metrics={_yaml(references)}",
-                f"--trainer.default_root_dir={folder}"]
+        args = [
+            "--config",
+            cfg["mtl"],
+            *common,
+            *data,
+            *encoder,
+            f"--data.tasks={_yaml(s.tasks)}",
+            f"--model.weighting={weighting}",
+            f"--model.reference_metrics={_yaml(references)}",
+            f"--trainer.default_root_dir={folder}",
+        ]
         stages.append(
             Stage(
                 f"mtl/{weighting}",
@@ -352,9 +401,10 @@ def summarise(per_seed: list[list[dict[str, Any]]], tasks: Sequence[str]) -> lis
 
 
 def table_columns(rows: list[dict[str, Any]], tasks: Sequence[str]) -> list[str]:
-    metric_cols = sorted({k for r in rows for k in r if "/" in k and not k.endswith("_std")},
-                         key=lambda k: (tasks.index(k.split("/")[0])
-                                        if k.split("/")[0] in tasks else 99, k))
+    metric_cols = sorted(
+        {k for r in rows for k in r if "/" in k and not k.endswith("_std")},
+        key=lambda k: (tasks.index(k.split("/")[0]) if k.split("/")[0] in tasks else 99, k),
+    )
     normalized = [c for c in metric_cols if c.endswith("/normalized")]
     primary = [c for c in metric_cols if c not in normalized]
     cols = ["method", *SUMMARY_COLUMNS[1:], *primary, *normalized, *COST_COLUMNS]
@@ -388,12 +438,19 @@ def write_figures(rows: list[dict[str, Any]], out: Path) -> list[Path]:
     if budget:
         fig, ax = plt.subplots(figsize=(6, 4))
         xs = [100 * r["budget"] for r in budget] + ([100.0] if full else [])
-        ys = [r.get("delta_mtl_ratio") for r in budget] + ([full.get("delta_mtl_ratio")] if full else [])
+        ys = [r.get("delta_mtl_ratio") for r in budget] + (
+            [full.get("delta_mtl_ratio")] if full else []
+        )
         ax.plot(xs, ys, marker="o", label="merge + head re-alignment")
         mtl = [r for r in rows if r["group"] == "mtl" and r.get("delta_mtl_ratio") is not None]
         for i, r in enumerate(mtl):
-            ax.axhline(r["delta_mtl_ratio"], linestyle="--", linewidth=1, color=f"C{i + 1}",
-                       label=r["method"])
+            ax.axhline(
+                r["delta_mtl_ratio"],
+                linestyle="--",
+                linewidth=1,
+                color=f"C{i + 1}",
+                label=r["method"],
+            )
         ax.set_xscale("log")
         ax.set_xlabel("labelled re-alignment samples (% of the val split)")
         ax.set_ylabel("Δ_MTL (ratio form, %)")

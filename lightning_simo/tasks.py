@@ -85,10 +85,21 @@ def _palette(num_classes: int) -> Tensor:
     """A fixed, well-separated colour per class (deterministic across runs and ranks)."""
     g = torch.Generator().manual_seed(1234)
     base = torch.tensor(
-        [[0.90, 0.10, 0.15], [0.24, 0.71, 0.29], [1.00, 0.88, 0.10], [0.00, 0.51, 0.78],
-         [0.96, 0.51, 0.19], [0.57, 0.12, 0.71], [0.27, 0.94, 0.94], [0.94, 0.20, 0.90],
-         [0.82, 0.96, 0.24], [0.98, 0.75, 0.83], [0.00, 0.50, 0.50], [0.86, 0.75, 1.00],
-         [0.67, 0.43, 0.16]]
+        [
+            [0.90, 0.10, 0.15],
+            [0.24, 0.71, 0.29],
+            [1.00, 0.88, 0.10],
+            [0.00, 0.51, 0.78],
+            [0.96, 0.51, 0.19],
+            [0.57, 0.12, 0.71],
+            [0.27, 0.94, 0.94],
+            [0.94, 0.20, 0.90],
+            [0.82, 0.96, 0.24],
+            [0.98, 0.75, 0.83],
+            [0.00, 0.50, 0.50],
+            [0.86, 0.75, 1.00],
+            [0.67, 0.43, 0.16],
+        ]
     )
     if num_classes <= len(base):
         return base[:num_classes]
@@ -111,7 +122,9 @@ def _show_scalar(x: Tensor) -> Tensor:
         lo, hi = x[valid].min(), x[valid].max()
         x = ((x - lo) / (hi - lo).clamp_min(1e-6)).clamp(0, 1) * valid
     # a perceptually ordered ramp (dark blue -> yellow) without importing matplotlib
-    stops = torch.tensor([[0.05, 0.03, 0.35], [0.20, 0.55, 0.55], [0.99, 0.91, 0.14]], device=x.device)
+    stops = torch.tensor(
+        [[0.05, 0.03, 0.35], [0.20, 0.55, 0.55], [0.99, 0.91, 0.14]], device=x.device
+    )
     pos = x * 2
     lo_idx = pos.floor().clamp(0, 1).long()
     frac = (pos - lo_idx).unsqueeze(-1)
@@ -327,4 +340,3 @@ register_task("disparity")(_depth_factory("disparity"))
 register_task("autoencoder")(_regression_factory("autoencoder", 3))
 register_task("keypoints2d")(_regression_factory("keypoints2d", 1))
 register_task("edge_texture")(_regression_factory("edge_texture", 1))
-

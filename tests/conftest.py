@@ -11,8 +11,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no test may touch the network
 
 TINY_VIT = {
     "name": "vit_small_patch16_224",
-    "model_kwargs": {"patch_size": 8, "embed_dim": 32, "depth": 4, "num_heads": 2,
-                     "img_size": [32, 40]},
+    "model_kwargs": {
+        "patch_size": 8,
+        "embed_dim": 32,
+        "depth": 4,
+        "num_heads": 2,
+        "img_size": [32, 40],
+    },
     "indices": [0, 1, 2, 3],
 }
 

@@ -35,16 +35,42 @@ def test_single_task_fit_writes_checkpoints_named_by_task_and_tensorboard_events
 ) -> None:
     tiny = tmp_path / "tiny.yaml"
     encoder = {**TINY_VIT, "checkpoint": None}
-    tiny.write_text(yaml.safe_dump({
-        "model": {"init_args": {"encoder": encoder, "head": {"upsample": 2}}},
-        "data": {"init_args": {"num_train": 8, "num_val": 4, "num_test": 4, "height": 32,
-                               "width": 40, "batch_size": 4}},
-        "trainer": {"max_epochs": 2, "log_every_n_steps": 1, "enable_progress_bar": False,
-                    "accelerator": "cpu"},
-    }))
+    tiny.write_text(
+        yaml.safe_dump(
+            {
+                "model": {"init_args": {"encoder": encoder, "head": {"upsample": 2}}},
+                "data": {
+                    "init_args": {
+                        "num_train": 8,
+                        "num_val": 4,
+                        "num_test": 4,
+                        "height": 32,
+                        "width": 40,
+                        "batch_size": 4,
+                    }
+                },
+                "trainer": {
+                    "max_epochs": 2,
+                    "log_every_n_steps": 1,
+                    "enable_progress_bar": False,
+                    "accelerator": "cpu",
+                },
+            }
+        )
+    )
     root = tmp_path / "runs" / "{tasks}"
-    main(["fit", "--config", str(REPO / "configs/synthetic/single_task.yaml"), "--config",
-          str(tiny), "--data.tasks", "[depth]", f"--trainer.default_root_dir={root}"])
+    main(
+        [
+            "fit",
+            "--config",
+            str(REPO / "configs/synthetic/single_task.yaml"),
+            "--config",
+            str(tiny),
+            "--data.tasks",
+            "[depth]",
+            f"--trainer.default_root_dir={root}",
+        ]
+    )
 
     run = tmp_path / "runs" / "depth"  # {tasks} became the task name
     ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
@@ -52,12 +78,17 @@ def test_single_task_fit_writes_checkpoints_named_by_task_and_tensorboard_events
     assert ckpt["hyper_parameters"]["tasks"] == ["depth"]
     assert (run / "checkpoints" / "best.ckpt").is_file()
 
-    events = EventAccumulator(str(next((run / "tb").glob("version_*"))),
-                              size_guidance={"images": 0, "scalars": 0})
+    events = EventAccumulator(
+        str(next((run / "tb").glob("version_*"))), size_guidance={"images": 0, "scalars": 0}
+    )
     events.Reload()
     scalars = set(events.Tags()["scalars"])
-    assert {"train/depth/loss_step", "val/depth/loss", "val/depth/abs_err",
-            "val/depth/rel_err"} <= scalars
+    assert {
+        "train/depth/loss_step",
+        "val/depth/loss",
+        "val/depth/abs_err",
+        "val/depth/rel_err",
+    } <= scalars
     assert "val/depth" in events.Tags()["images"]
     abs_err = [e.value for e in events.Scalars("val/depth/abs_err")]
     assert len(abs_err) == 2 and all(v > 0 for v in abs_err)

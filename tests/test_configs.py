@@ -53,8 +53,10 @@ DATASETS = {
         head="linear",
         batch_size=16,
         overrides=(
-            "--data.init_args.root", str(DATA / "nyuv2"),
-            "--data.init_args.num_val", "3",
+            "--data.init_args.root",
+            str(DATA / "nyuv2"),
+            "--data.init_args.num_val",
+            "3",
         ),
     ),
     "cityscapes": DatasetCase(
@@ -68,11 +70,16 @@ DATASETS = {
         head="dpt",
         batch_size=32,
         overrides=(
-            "--data.init_args.root", str(DATA / "taskonomy"),
-            "--data.init_args.train_buildings", "[allensville, coffeen]",
-            "--data.init_args.val_buildings", "[beechwood]",
-            "--data.init_args.test_buildings", "[ihlen]",
-            "--data.init_args.image_size", "28",
+            "--data.init_args.root",
+            str(DATA / "taskonomy"),
+            "--data.init_args.train_buildings",
+            "[allensville, coffeen]",
+            "--data.init_args.val_buildings",
+            "[beechwood]",
+            "--data.init_args.test_buildings",
+            "[ihlen]",
+            "--data.init_args.image_size",
+            "28",
         ),
     ),
 }
@@ -82,24 +89,38 @@ TRAIN_CROPS = {"nyuv2": "[16, 28]", "cityscapes": "[16, 32]"}
 """The configs' crops (280 x 378, 128 x 256) are larger than the fake images."""
 
 TINY_ENCODER = (
-    "--model.init_args.encoder.name", "vit_small_patch16_224",
+    "--model.init_args.encoder.name",
+    "vit_small_patch16_224",
     "--model.init_args.encoder.model_kwargs",
     "{patch_size: 14, embed_dim: 32, depth: 4, num_heads: 2, img_size: [28, 42]}",
-    "--model.init_args.encoder.pretrained", "false",
-    "--model.init_args.encoder.indices", "[0,1,2,3]",
+    "--model.init_args.encoder.pretrained",
+    "false",
+    "--model.init_args.encoder.indices",
+    "[0,1,2,3]",
 )
 FAST_TRAINER = (
-    "--trainer.max_steps", "2",
-    "--trainer.limit_train_batches", "2",
-    "--trainer.limit_val_batches", "1",
-    "--trainer.accelerator", "cpu",
-    "--trainer.precision", "32-true",
-    "--trainer.enable_progress_bar", "false",
-    "--trainer.enable_model_summary", "false",
-    "--trainer.log_every_n_steps", "1",
-    "--data.init_args.batch_size", "2",
-    "--data.init_args.num_workers", "0",
-    "--data.init_args.pin_memory", "false",
+    "--trainer.max_steps",
+    "2",
+    "--trainer.limit_train_batches",
+    "2",
+    "--trainer.limit_val_batches",
+    "1",
+    "--trainer.accelerator",
+    "cpu",
+    "--trainer.precision",
+    "32-true",
+    "--trainer.enable_progress_bar",
+    "false",
+    "--trainer.enable_model_summary",
+    "false",
+    "--trainer.log_every_n_steps",
+    "1",
+    "--data.init_args.batch_size",
+    "2",
+    "--data.init_args.num_workers",
+    "0",
+    "--data.init_args.pin_memory",
+    "false",
 )
 
 
@@ -252,7 +273,9 @@ def test_config_holds_paper_settings(dataset: str, stage: str) -> None:
         assert cfg["model"]["class_path"] == "lightning_simo.modules.simo.SIMOModule"
         assert set(merge["checkpoints"]) == set(case.tasks)
         assert (merge["method"], merge["scaling"], merge["realign"]) == (
-            "task_arithmetic", "search", "heads"
+            "task_arithmetic",
+            "search",
+            "heads",
         )
         assert merge["search_split"] == "val"
         assert [round(a, 6) for a in merge["search_grid"]] == list(DEFAULT_ALPHA_GRID)
@@ -278,9 +301,12 @@ class SingleTaskRuns:
             # the probe is cut so that two steps change the encoder (non-zero task vectors)
             args = [
                 *common_overrides(dataset, "single_task"),
-                "--data.init_args.tasks", f"[{task}]",
-                "--model.init_args.probe_epochs", "0",
-                "--trainer.default_root_dir", str(self.root / dataset / "single_task" / "{tasks}"),
+                "--data.init_args.tasks",
+                f"[{task}]",
+                "--model.init_args.probe_epochs",
+                "0",
+                "--trainer.default_root_dir",
+                str(self.root / dataset / "single_task" / "{tasks}"),
             ]
             run_cli(["fit", "--config", path, *args])
             ckpt = self.run_dir(dataset, task) / "checkpoints" / "best.ckpt"
@@ -314,9 +340,7 @@ def test_single_task_config_runs(dataset: str, single_task_runs: SingleTaskRuns)
 
 @pytest.mark.slow
 @pytest.mark.parametrize("dataset", DATASETS)
-def test_merge_config_runs(
-    dataset: str, single_task_runs: SingleTaskRuns, tmp_path: Path
-) -> None:
+def test_merge_config_runs(dataset: str, single_task_runs: SingleTaskRuns, tmp_path: Path) -> None:
     case = DATASETS[dataset]
     runs = {task: single_task_runs.get(dataset, task) for task in case.tasks}
     checkpoints = ", ".join(f"{t}: {d / 'checkpoints' / 'best.ckpt'}" for t, d in runs.items())
@@ -324,9 +348,12 @@ def test_merge_config_runs(
     path = str(config(dataset, "merge"))
     args = [
         *common_overrides(dataset, "merge"),
-        "--merge.checkpoints", f"{{{checkpoints}}}",
-        "--model.init_args.reference_metrics", f"[{references}]",
-        "--trainer.default_root_dir", str(tmp_path / "merge"),
+        "--merge.checkpoints",
+        f"{{{checkpoints}}}",
+        "--model.init_args.reference_metrics",
+        f"[{references}]",
+        "--trainer.default_root_dir",
+        str(tmp_path / "merge"),
     ]
     run_cli(["fit", "--config", path, *args])
     last = tmp_path / "merge" / "checkpoints" / "last.ckpt"
@@ -342,8 +369,9 @@ def test_merge_config_runs(
     finetuned = [encoder_weights(d / "checkpoints" / "best.ckpt") for d in runs.values()]
     merged = encoder_weights(last)
     assert set(merged) == set(theta0)
-    assert any(not torch.equal(f["backbone.cls_token"], theta0["backbone.cls_token"])
-               for f in finetuned)
+    assert any(
+        not torch.equal(f["backbone.cls_token"], theta0["backbone.cls_token"]) for f in finetuned
+    )
     for key, base in theta0.items():
         expected = base + alpha * sum(f[key] - base for f in finetuned)
         torch.testing.assert_close(merged[key], expected, rtol=1e-5, atol=1e-6, msg=key)
@@ -366,9 +394,12 @@ def test_mtl_config_runs(dataset: str, single_task_runs: SingleTaskRuns, tmp_pat
     path = str(config(dataset, "mtl"))
     args = [
         *common_overrides(dataset, "mtl"),
-        "--model.init_args.probe_epochs", "0",
-        "--model.init_args.reference_metrics", f"[{references}]",
-        "--trainer.default_root_dir", str(tmp_path / "mtl"),
+        "--model.init_args.probe_epochs",
+        "0",
+        "--model.init_args.reference_metrics",
+        f"[{references}]",
+        "--trainer.default_root_dir",
+        str(tmp_path / "mtl"),
     ]
     run_cli(["fit", "--config", path, *args])
     best = tmp_path / "mtl" / "checkpoints" / "best.ckpt"

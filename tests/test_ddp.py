@@ -56,8 +56,7 @@ from conftest import TINY_VIT  # noqa: E402
 WORLD_SIZE = 2
 TASKS = ("segmentation", "depth", "normals")
 HEAD = {"kind": "linear", "upsample": 4}
-SIZES = {"num_train": 16, "num_val": 8, "num_test": 8, "height": 32, "width": 40,
-         "batch_size": 4}
+SIZES = {"num_train": 16, "num_val": 8, "num_test": 8, "height": 32, "width": 40, "batch_size": 4}
 WORKER_TIMEOUT_S = 240
 SEARCH_GRID = (0.5, 1.0)
 ADAPTER_RANK = 4
@@ -86,32 +85,58 @@ class Case:
 
 def _simo(tasks: tuple[str, ...], **kwargs: Any) -> Callable[[dict[str, Any]], SIMOModule]:
     def build(encoder: dict[str, Any]) -> SIMOModule:
-        return SIMOModule(tasks=list(tasks), num_classes=_datamodule(tasks).num_classes,
-                          encoder=encoder, head=HEAD, schedule="constant", **kwargs)
+        return SIMOModule(
+            tasks=list(tasks),
+            num_classes=_datamodule(tasks).num_classes,
+            encoder=encoder,
+            head=HEAD,
+            schedule="constant",
+            **kwargs,
+        )
 
     return build
 
 
 def _joint(weighting: str, **options: Any) -> Callable[[dict[str, Any]], SIMOModule]:
     def build(encoder: dict[str, Any]) -> SIMOModule:
-        return JointMTLModule(tasks=list(TASKS), num_classes=_datamodule(TASKS).num_classes,
-                              encoder=encoder, head=HEAD, schedule="constant", lr=1e-3,
-                              weighting=weighting, weighting_options=options)
+        return JointMTLModule(
+            tasks=list(TASKS),
+            num_classes=_datamodule(TASKS).num_classes,
+            encoder=encoder,
+            head=HEAD,
+            schedule="constant",
+            lr=1e-3,
+            weighting=weighting,
+            weighting_options=options,
+        )
 
     return build
 
 
 CASES: dict[str, Case] = {
-    "single_task": Case(("segmentation",), "ddp_find_unused_parameters_true",
-                        _simo(("segmentation",), lr=1e-3, probe_epochs=1)),
-    "merge_heads": Case(TASKS, "ddp", _simo(TASKS, head_lr=1e-2),
-                        merge={"scaling": "search", "search_grid": SEARCH_GRID,
-                               "realign": "heads", "cache_features": True}),
-    "merge_adapters": Case(TASKS, "ddp", _simo(TASKS, lr=1e-2),
-                           merge={"scaling": 0.5, "realign": "adapters",
-                                  "adapter_rank": ADAPTER_RANK}),
-    "joint_gradnorm": Case(TASKS, "ddp_find_unused_parameters_true",
-                           _joint("gradnorm", lr=0.1)),
+    "single_task": Case(
+        ("segmentation",),
+        "ddp_find_unused_parameters_true",
+        _simo(("segmentation",), lr=1e-3, probe_epochs=1),
+    ),
+    "merge_heads": Case(
+        TASKS,
+        "ddp",
+        _simo(TASKS, head_lr=1e-2),
+        merge={
+            "scaling": "search",
+            "search_grid": SEARCH_GRID,
+            "realign": "heads",
+            "cache_features": True,
+        },
+    ),
+    "merge_adapters": Case(
+        TASKS,
+        "ddp",
+        _simo(TASKS, lr=1e-2),
+        merge={"scaling": 0.5, "realign": "adapters", "adapter_rank": ADAPTER_RANK},
+    ),
+    "joint_gradnorm": Case(TASKS, "ddp_find_unused_parameters_true", _joint("gradnorm", lr=0.1)),
     "joint_uncertainty": Case(TASKS, "ddp_find_unused_parameters_true", _joint("uncertainty")),
 }
 
@@ -149,8 +174,13 @@ def _cache_report(module: SIMOModule, dm: SyntheticDataModule) -> dict[str, Any]
         fresh = cache.encoder(sample["image"][None])
     stored = cache._store[keys[0]][0]
     error = max(float((a - b[0]).abs().max()) for a, b in zip(stored, fresh.features))
-    return {"keys": keys, "hits": cache.hits, "misses": cache.misses, "size": len(cache),
-            "max_feature_error": error}
+    return {
+        "keys": keys,
+        "hits": cache.hits,
+        "misses": cache.misses,
+        "size": len(cache),
+        "max_feature_error": error,
+    }
 
 
 def run_case(name: str, root: Path, sources: dict[str, Any]) -> None:
@@ -169,9 +199,16 @@ def run_case(name: str, root: Path, sources: dict[str, Any]) -> None:
     probe = _Probe(out)
     callbacks.append(probe)
     trainer = L.Trainer(
-        accelerator="cpu", devices=WORLD_SIZE, strategy=case.strategy, max_epochs=case.epochs,
-        callbacks=callbacks, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+        accelerator="cpu",
+        devices=WORLD_SIZE,
+        strategy=case.strategy,
+        max_epochs=case.epochs,
+        callbacks=callbacks,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
         default_root_dir=out,
     )
     trainer.fit(module, datamodule=dm)
@@ -252,8 +289,9 @@ class Run:
             detail = "\n".join(p.read_text() for p in errors) or "\n".join(
                 log[-4000:] for log in self.logs
             )
-            pytest.fail(f"DDP case {case!r} did not finish (exit codes {self.returncodes}):\n"
-                        f"{detail}")
+            pytest.fail(
+                f"DDP case {case!r} did not finish (exit codes {self.returncodes}):\n{detail}"
+            )
 
     def reports(self, case: str) -> list[dict[str, Any]]:
         self.require(case)
@@ -265,18 +303,36 @@ class Run:
 
 
 def _launch(root: Path, cases: list[str]) -> tuple[list[int], list[str]]:
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("SLURM_", "TORCHELASTIC_", "PMI_", "OMPI_"))}
-    env.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "NODE_RANK": "0",
-                "WORLD_SIZE": str(WORLD_SIZE), "OMP_NUM_THREADS": "1",
-                "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"})
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("SLURM_", "TORCHELASTIC_", "PMI_", "OMPI_"))
+    }
+    env.update(
+        {
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(_free_port()),
+            "NODE_RANK": "0",
+            "WORLD_SIZE": str(WORLD_SIZE),
+            "OMP_NUM_THREADS": "1",
+            "HF_HUB_OFFLINE": "1",
+            "PYTHONWARNINGS": "ignore",
+        }
+    )
     procs = []
     for rank in range(WORLD_SIZE):
         log = open(root / f"worker{rank}.log", "w")  # noqa: SIM115 - closed below
-        procs.append((subprocess.Popen(
-            [sys.executable, __file__, str(root), *cases],
-            env={**env, "LOCAL_RANK": str(rank)}, stdout=log, stderr=subprocess.STDOUT,
-        ), log))
+        procs.append(
+            (
+                subprocess.Popen(
+                    [sys.executable, __file__, str(root), *cases],
+                    env={**env, "LOCAL_RANK": str(rank)},
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                ),
+                log,
+            )
+        )
     codes = []
     for proc, log in procs:
         try:
@@ -311,8 +367,7 @@ def _reference_module(run: Run, case: str) -> SIMOModule:
     spec = CASES[case]
     module = spec.module(run.sources["encoder"])
     if spec.merge is not None:
-        apply_realign_mode(module.net, spec.merge["realign"],
-                           spec.merge.get("adapter_rank", 16))
+        apply_realign_mode(module.net, spec.merge["realign"], spec.merge.get("adapter_rank", 16))
     module.load_state_dict(run.states(case, "final")[0])
     return module.eval()
 
@@ -363,8 +418,7 @@ def test_every_rank_builds_the_single_process_merge(run: Run, case: str) -> None
     else:
         assert alpha == CASES[case].merge["scaling"]
     theta0 = encoder_state_dict(load_state_dict(run.sources["encoder"]["checkpoint"]))
-    finetuned = [encoder_state_dict(load_state_dict(run.sources["checkpoints"][t]))
-                 for t in TASKS]
+    finetuned = [encoder_state_dict(load_state_dict(run.sources["checkpoints"][t])) for t in TASKS]
     expected = merge(theta0, finetuned, "task_arithmetic", scaling=alpha)
     setup, final = run.states(case, "setup"), run.states(case, "final")
     for key, value in expected.items():
@@ -391,8 +445,9 @@ def test_each_rank_caches_the_samples_it_was_given(run: Run) -> None:
         assert cache["max_feature_error"] < 1e-5
     # epoch 1: each rank cached exactly its own shard of the distributed sampler
     for rank, report in enumerate(reports):
-        sampler = DistributedSampler(range(SIZES["num_train"]), num_replicas=WORLD_SIZE,
-                                     rank=rank, shuffle=True, seed=0)
+        sampler = DistributedSampler(
+            range(SIZES["num_train"]), num_replicas=WORLD_SIZE, rank=rank, shuffle=True, seed=0
+        )
         assert report["first_epoch_keys"] == sorted(sampler)
     first = [set(r["first_epoch_keys"]) for r in reports]
     assert not first[0] & first[1]
@@ -414,8 +469,11 @@ def test_joint_strategies_stay_in_step(run: Run) -> None:
 
 def test_linear_probe_epoch_leaves_the_encoder_to_the_second_epoch(run: Run) -> None:
     setup, final = run.states("single_task", "setup"), run.states("single_task", "final")
-    moved = [k for k in setup[0] if k.startswith("net.encoder.backbone.blocks")
-             and not torch.equal(setup[0][k], final[0][k])]
+    moved = [
+        k
+        for k in setup[0]
+        if k.startswith("net.encoder.backbone.blocks") and not torch.equal(setup[0][k], final[0][k])
+    ]
     assert moved  # fine-tuned in epoch 2 despite the detached first epoch
 
 

@@ -60,8 +60,15 @@ class _RecordingLogger(Logger):
 
 def _datamodule(tasks: tuple[str, ...] = TASKS) -> SyntheticDataModule:
     return SyntheticDataModule(
-        tasks=list(tasks), num_train=16, num_val=8, num_test=8, height=32, width=40,
-        batch_size=8, augment=False, train_split="val",
+        tasks=list(tasks),
+        num_train=16,
+        num_val=8,
+        num_test=8,
+        height=32,
+        width=40,
+        batch_size=8,
+        augment=False,
+        train_split="val",
     )
 
 
@@ -80,10 +87,16 @@ def _trainer(root: Path, **kwargs: Any) -> L.Trainer:
     return L.Trainer(**options)
 
 
-def _module(encoder: Mapping[str, Any], tasks: tuple[str, ...] = TASKS, **kwargs: Any) -> SIMOModule:
+def _module(
+    encoder: Mapping[str, Any], tasks: tuple[str, ...] = TASKS, **kwargs: Any
+) -> SIMOModule:
     return SIMOModule(
-        tasks=list(tasks), num_classes=_datamodule(tasks).num_classes, encoder=dict(encoder),
-        head=HEAD, schedule="constant", **kwargs,
+        tasks=list(tasks),
+        num_classes=_datamodule(tasks).num_classes,
+        encoder=dict(encoder),
+        head=HEAD,
+        schedule="constant",
+        **kwargs,
     )
 
 
@@ -100,8 +113,9 @@ class Sources:
         encoder = Encoder(copy.deepcopy(TINY_VIT))
         self.theta0 = {k: v.detach().clone() for k, v in encoder.state_dict().items()}
         self.foundation = root / "foundation.ckpt"
-        torch.save({"state_dict": {"encoder." + k: v for k, v in self.theta0.items()}},
-                   self.foundation)
+        torch.save(
+            {"state_dict": {"encoder." + k: v for k, v in self.theta0.items()}}, self.foundation
+        )
         self.encoder = {**copy.deepcopy(TINY_VIT), "checkpoint": str(self.foundation)}
         self.paths: dict[str, str] = {}
         for i, task in enumerate(TASKS):
@@ -149,14 +163,20 @@ def test_fixed_alpha_merge_equals_the_merge_function(
         sources, tmp_path, method=method, scaling=alpha, method_options=options, realign="heads"
     )
     scaled = method != "average"
-    expected = merge(sources.theta0, sources.finetuned, method,
-                     **({"scaling": alpha} if scaled else {}), **options)
+    expected = merge(
+        sources.theta0,
+        sources.finetuned,
+        method,
+        **({"scaling": alpha} if scaled else {}),
+        **options,
+    )
     got = module.net.encoder.state_dict()
     assert sorted(got) == sorted(expected)
     worst = max((got[k].float() - expected[k].float()).abs().max().item() for k in expected)
     assert worst <= 1e-6, f"largest difference to merge(): {worst:g}"
-    moved = sum((got[k] - sources.theta0[k]).abs().sum().item() for k in got
-                if got[k].is_floating_point())
+    moved = sum(
+        (got[k] - sources.theta0[k]).abs().sum().item() for k in got if got[k].is_floating_point()
+    )
     assert moved > 0  # the merge really changed θ0
     assert callback.alpha == (alpha if scaled else None)
 
@@ -187,7 +207,8 @@ def test_alpha_search_keeps_the_best_alpha_and_logs_scores(
     assert callback.alpha == best
     assert logger.values("merge/search_alpha") == list(grid)
     assert logger.values("merge/search_score") == pytest.approx(
-        [callback.search_scores[a] for a in grid])
+        [callback.search_scores[a] for a in grid]
+    )
     assert logger.values("merge/alpha") == [best]
     merged = merge(sources.theta0, sources.finetuned, "task_arithmetic", scaling=best)
     for key, value in module.net.encoder.state_dict().items():
@@ -213,15 +234,21 @@ def test_alpha_search_on_the_test_split_is_refused() -> None:
 # ---------------------------------------------------------------------------- what trains
 @pytest.mark.parametrize(
     ("mode", "form"),
-    [("none", "lora"), ("heads", "lora"), ("adapters", "lora"), ("adapters", "residual"),
-     ("full", "lora")],
+    [
+        ("none", "lora"),
+        ("heads", "lora"),
+        ("adapters", "lora"),
+        ("adapters", "residual"),
+        ("full", "lora"),
+    ],
 )
 def test_only_the_chosen_mode_requires_grad(
     sources: Sources, tmp_path: Path, mode: str, form: str
 ) -> None:
     rank = 4
-    module, _ = _merged(sources, tmp_path, scaling=0.5, realign=mode, adapter_rank=rank,
-                        adapter_form=form)
+    module, _ = _merged(
+        sources, tmp_path, scaling=0.5, realign=mode, adapter_rank=rank, adapter_form=form
+    )
     trainable = {n: p for n, p in module.named_parameters() if p.requires_grad}
     heads = _count(module.net.heads.parameters())
     dim, blocks = TINY_VIT["model_kwargs"]["embed_dim"], TINY_VIT["model_kwargs"]["depth"]
@@ -246,8 +273,14 @@ class _LossRecorder(L.Callback):
     def __init__(self) -> None:
         self.losses: list[float] = []
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule,
-                           outputs: Any, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
         self.losses.append(float(outputs["loss"]))
 
 
@@ -255,8 +288,9 @@ def _head_realignment(sources: Sources, root: Path, cache: bool) -> tuple[list[f
     L.seed_everything(0)
     module = _module(sources.encoder, head_lr=1e-2)
     recorder = _LossRecorder()
-    callback = MergeCallback(checkpoints=sources.paths, scaling=0.5, realign="heads",
-                             cache_features=cache)
+    callback = MergeCallback(
+        checkpoints=sources.paths, scaling=0.5, realign="heads", cache_features=cache
+    )
     trainer = _trainer(root, max_epochs=2, limit_val_batches=0, callbacks=[callback, recorder])
     trainer.fit(module, datamodule=_datamodule())
     return recorder.losses, module
@@ -307,11 +341,15 @@ def test_feature_cache_serves_encoder_features_and_refuses_changed_images(
 
 
 # ---------------------------------------------------------------------------- errors
-def test_checkpoint_without_the_head_of_its_task_is_refused(sources: Sources, tmp_path: Path) -> None:
+def test_checkpoint_without_the_head_of_its_task_is_refused(
+    sources: Sources, tmp_path: Path
+) -> None:
     paths = {**sources.paths, "depth": sources.paths["segmentation"]}
     module = _module(sources.encoder)
     callback = MergeCallback(checkpoints=paths, scaling=0.5)
-    with pytest.raises(ValueError, match=r"for task 'depth' has no head .*heads found: segmentation"):
+    with pytest.raises(
+        ValueError, match=r"for task 'depth' has no head .*heads found: segmentation"
+    ):
         callback.setup(_trainer(tmp_path), module, "fit")
 
 
@@ -345,31 +383,36 @@ class _HeadsAtStart(L.Callback):
         self.heads: dict[str, dict[str, Tensor]] = {}
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.heads = {t: {k: v.detach().clone() for k, v in h.state_dict().items()}
-                      for t, h in pl_module.net.heads.items()}
+        self.heads = {
+            t: {k: v.detach().clone() for k, v in h.state_dict().items()}
+            for t, h in pl_module.net.heads.items()
+        }
 
 
 @pytest.mark.slow
 def test_resume_continues_from_the_realigned_weights(sources: Sources, tmp_path: Path) -> None:
     grid = (0.0, 1.0)
 
-    def run(paths: Mapping[str, str], steps: int, ckpt: Path | None,
-            scaling: float | str = "search") -> tuple[
-            SIMOModule, MergeCallback, _HeadsAtStart, L.Trainer]:
+    def run(
+        paths: Mapping[str, str], steps: int, ckpt: Path | None, scaling: float | str = "search"
+    ) -> tuple[SIMOModule, MergeCallback, _HeadsAtStart, L.Trainer]:
         module = _module(sources.encoder, head_lr=1e-2)
-        callback = MergeCallback(checkpoints=dict(paths), scaling=scaling, search_grid=grid,
-                                 realign="heads")
+        callback = MergeCallback(
+            checkpoints=dict(paths), scaling=scaling, search_grid=grid, realign="heads"
+        )
         probe = _HeadsAtStart()
-        trainer = _trainer(tmp_path / "run", max_steps=steps, limit_val_batches=0,
-                           callbacks=[callback, probe])
+        trainer = _trainer(
+            tmp_path / "run", max_steps=steps, limit_val_batches=0, callbacks=[callback, probe]
+        )
         trainer.fit(module, datamodule=_datamodule(), ckpt_path=ckpt)
         return module, callback, probe, trainer
 
     first, first_cb, _, trainer = run(sources.paths, 2, None)
     ckpt = tmp_path / "stopped.ckpt"
     trainer.save_checkpoint(ckpt)
-    saved = {t: {k: v.clone() for k, v in h.state_dict().items()}
-             for t, h in first.net.heads.items()}
+    saved = {
+        t: {k: v.clone() for k, v in h.state_dict().items()} for t, h in first.net.heads.items()
+    }
 
     second, second_cb, probe, trainer = run(sources.paths, 3, ckpt)
     assert trainer.global_step == 3  # one more step after the two restored ones
@@ -411,8 +454,9 @@ def test_reestimated_bn_statistics_differ_from_the_pretrained_ones(tmp_path: Pat
 
     def stats(policy: str) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         module = _module(config)
-        callback = MergeCallback(checkpoints=paths, scaling=0.5, bn_stats=policy,
-                                 reestimate_batches=2, realign="heads")
+        callback = MergeCallback(
+            checkpoints=paths, scaling=0.5, bn_stats=policy, reestimate_batches=2, realign="heads"
+        )
         trainer = _trainer(tmp_path, callbacks=[callback], limit_val_batches=1)
         trainer.validate(module, datamodule=_datamodule())
         state = module.net.encoder.state_dict()

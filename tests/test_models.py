@@ -75,7 +75,10 @@ def test_simonet_one_pass_all_heads_resized_to_input(tiny_vit):
 def test_parameters_no_head_reads_are_frozen(tiny_vit):
     vit = Encoder(tiny_vit)
     assert vit.unused_parameters == ["norm.weight", "norm.bias"]
-    assert not vit.backbone.norm.weight.requires_grad and vit.backbone.blocks[0].norm1.weight.requires_grad
+    assert (
+        not vit.backbone.norm.weight.requires_grad
+        and vit.backbone.blocks[0].norm1.weight.requires_grad
+    )
     cnn = Encoder(EncoderConfig(name="test_resnet", indices=[0, 1, 2], class_token=False))
     assert any(n.startswith("layer4.") for n in cnn.unused_parameters)
     out = cnn(torch.rand(1, 3, 64, 64))

@@ -47,11 +47,17 @@ def test_encoder_is_dinov2_vit_b14(encoder: Encoder) -> None:
     assert encoder.use_class_token
 
 
-@pytest.mark.parametrize(("task_kind", "channels"), [("segmentation", 13), ("depth", 1),
-                                                      ("normals", 3)])
+@pytest.mark.parametrize(
+    ("task_kind", "channels"), [("segmentation", 13), ("depth", 1), ("normals", 3)]
+)
 def test_nyuv2_linear_head_size(encoder: Encoder, task_kind: str, channels: int) -> None:
-    head = build_head(HeadConfig(kind="linear", upsample=1), encoder.channels, channels,
-                      encoder.use_class_token, task_kind)
+    head = build_head(
+        HeadConfig(kind="linear", upsample=1),
+        encoder.channels,
+        channels,
+        encoder.use_class_token,
+        task_kind,
+    )
     assert isinstance(head, LinearHead)
     assert head.norm.num_features == HEAD_INPUT == 6144
     batch_norm = 2 * HEAD_INPUT  # weight and bias; running statistics are buffers
@@ -61,12 +67,14 @@ def test_nyuv2_linear_head_size(encoder: Encoder, task_kind: str, channels: int)
         assert count(head) == 92_173  # "about 0.1M parameters"
 
 
-@pytest.mark.parametrize(("task_kind", "channels"), [("segmentation", 19),
-                                                      ("segmentation", 10), ("depth", 1),
-                                                      ("normals", 3)])
+@pytest.mark.parametrize(
+    ("task_kind", "channels"),
+    [("segmentation", 19), ("segmentation", 10), ("depth", 1), ("normals", 3)],
+)
 def test_dpt_head_size(encoder: Encoder, task_kind: str, channels: int) -> None:
-    head = build_head(HeadConfig(kind="dpt"), encoder.channels, channels,
-                      encoder.use_class_token, task_kind)
+    head = build_head(
+        HeadConfig(kind="dpt"), encoder.channels, channels, encoder.use_class_token, task_kind
+    )
     assert isinstance(head, DPTHead)
     assert [conv.in_channels for conv in head.project] == [WIDTH] * LEVELS
     assert [conv.out_channels for conv in head.project] == [24, 48, 96, 192]

@@ -31,8 +31,16 @@ STEPS = 3
 
 
 def _datamodule(tasks: tuple[str, ...]) -> SyntheticDataModule:
-    return SyntheticDataModule(tasks=list(tasks), num_train=8, num_val=4, num_test=4, height=32,
-                               width=40, batch_size=4, augment=False)
+    return SyntheticDataModule(
+        tasks=list(tasks),
+        num_train=8,
+        num_val=4,
+        num_test=4,
+        height=32,
+        width=40,
+        batch_size=4,
+        augment=False,
+    )
 
 
 class _Recorder(L.Callback):
@@ -47,19 +55,38 @@ class _Recorder(L.Callback):
         if module.training:
             self.output_dtypes.add(output.dtype)
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule,
-                           outputs: Any, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
         self.losses.append(loss.detach())
 
 
-def _fit_bf16(module: L.LightningModule, tasks: tuple[str, ...], watched: nn.Module,
-              root: Path, callbacks: list[L.Callback] | None = None) -> _Recorder:
+def _fit_bf16(
+    module: L.LightningModule,
+    tasks: tuple[str, ...],
+    watched: nn.Module,
+    root: Path,
+    callbacks: list[L.Callback] | None = None,
+) -> _Recorder:
     recorder = _Recorder(watched)
     trainer = L.Trainer(
-        accelerator="cpu", devices=1, precision="bf16-mixed", max_steps=STEPS,
-        limit_val_batches=1, num_sanity_val_steps=0, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, default_root_dir=root,
+        accelerator="cpu",
+        devices=1,
+        precision="bf16-mixed",
+        max_steps=STEPS,
+        limit_val_batches=1,
+        num_sanity_val_steps=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=root,
         callbacks=[*(callbacks or []), recorder],
     )
     dm = _datamodule(tasks)
@@ -78,8 +105,14 @@ def _fit_bf16(module: L.LightningModule, tasks: tuple[str, ...], watched: nn.Mod
 
 
 def _simo(tasks: tuple[str, ...], encoder: dict[str, Any], **kwargs: Any) -> SIMOModule:
-    return SIMOModule(tasks=list(tasks), num_classes=_datamodule(tasks).num_classes,
-                      encoder=encoder, head=HEAD, schedule="constant", **kwargs)
+    return SIMOModule(
+        tasks=list(tasks),
+        num_classes=_datamodule(tasks).num_classes,
+        encoder=encoder,
+        head=HEAD,
+        schedule="constant",
+        **kwargs,
+    )
 
 
 def _assert_finite_metrics(module: SIMOModule, tasks: tuple[str, ...]) -> None:
@@ -122,9 +155,15 @@ def test_merged_simo_with_head_realignment_in_bf16(tiny_vit: dict, tmp_path: Pat
 
 @pytest.mark.parametrize("weighting", ["gradnorm", "uncertainty"])
 def test_joint_mtl_in_bf16(tiny_vit: dict, tmp_path: Path, weighting: str) -> None:
-    module = JointMTLModule(tasks=list(TASKS), num_classes=_datamodule(TASKS).num_classes,
-                            encoder=tiny_vit, head=HEAD, schedule="constant", lr=1e-3,
-                            weighting=weighting)
+    module = JointMTLModule(
+        tasks=list(TASKS),
+        num_classes=_datamodule(TASKS).num_classes,
+        encoder=tiny_vit,
+        head=HEAD,
+        schedule="constant",
+        lr=1e-3,
+        weighting=weighting,
+    )
     _fit_bf16(module, TASKS, module.net.heads["normals"], tmp_path)
     _assert_finite_metrics(module, TASKS)
     weights = module.weighting.weights()

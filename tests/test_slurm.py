@@ -39,8 +39,14 @@ SCRIPTS = ("launch.sh", "single_node.sbatch", "multi_node.sbatch")
 JOB_ID = "4242"
 
 
-def _slurm_env(monkeypatch: pytest.MonkeyPatch, *, nodes: int, tasks_per_node: int,
-               proc_id: int, job_name: str = "lightning_simo") -> None:
+def _slurm_env(
+    monkeypatch: pytest.MonkeyPatch,
+    *,
+    nodes: int,
+    tasks_per_node: int,
+    proc_id: int,
+    job_name: str = "lightning_simo",
+) -> None:
     """The variables ``srun`` sets for one task of a ``nodes x tasks_per_node`` job."""
     for key in [k for k in os.environ if k.startswith("SLURM_")]:
         monkeypatch.delenv(key)
@@ -58,7 +64,9 @@ def _slurm_env(monkeypatch: pytest.MonkeyPatch, *, nodes: int, tasks_per_node: i
     monkeypatch.setenv("SLURM_JOB_ID", JOB_ID)
     monkeypatch.setenv("SLURM_JOB_NAME", job_name)
     # a Trainer under DDP sets the process-wide rank used by rank_zero_only; undo it afterwards
-    monkeypatch.setattr(fabric_rank_zero.rank_zero_only, "rank", fabric_rank_zero.rank_zero_only.rank)
+    monkeypatch.setattr(
+        fabric_rank_zero.rank_zero_only, "rank", fabric_rank_zero.rank_zero_only.rank
+    )
     monkeypatch.setattr(utils_rank_zero.rank_zero_only, "rank", utils_rank_zero.rank_zero_only.rank)
 
 
@@ -68,29 +76,45 @@ def _slurm_env(monkeypatch: pytest.MonkeyPatch, *, nodes: int, tasks_per_node: i
     [(1, 2, 0, 0, 0), (1, 2, 1, 1, 0), (2, 2, 3, 1, 1)],
 )
 def test_slurm_environment_resolves_world_size_and_ranks(
-    monkeypatch: pytest.MonkeyPatch, nodes: int, tasks_per_node: int, proc_id: int, local: int,
+    monkeypatch: pytest.MonkeyPatch,
+    nodes: int,
+    tasks_per_node: int,
+    proc_id: int,
+    local: int,
     node: int,
 ) -> None:
     _slurm_env(monkeypatch, nodes=nodes, tasks_per_node=tasks_per_node, proc_id=proc_id)
     assert SLURMEnvironment.detect()
     env = SLURMEnvironment()
     assert (env.world_size(), env.global_rank(), env.local_rank(), env.node_rank()) == (
-        nodes * tasks_per_node, proc_id, local, node)
+        nodes * tasks_per_node,
+        proc_id,
+        local,
+        node,
+    )
     assert env.main_address == "gpu07"
     assert env.main_port == 15000 + int(JOB_ID[-4:])
 
-    trainer = L.Trainer(accelerator="cpu", devices=tasks_per_node, num_nodes=nodes,
-                        strategy="ddp", logger=False, enable_progress_bar=False)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=tasks_per_node,
+        num_nodes=nodes,
+        strategy="ddp",
+        logger=False,
+        enable_progress_bar=False,
+    )
     assert isinstance(trainer.strategy.cluster_environment, SLURMEnvironment)
     assert trainer.world_size == nodes * tasks_per_node
     assert (trainer.global_rank, trainer.local_rank, trainer.node_rank) == (proc_id, local, node)
 
 
-def test_devices_must_match_the_tasks_per_node(monkeypatch: pytest.MonkeyPatch,
-                                               tmp_path: Path) -> None:
+def test_devices_must_match_the_tasks_per_node(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     _slurm_env(monkeypatch, nodes=1, tasks_per_node=2, proc_id=0)
-    trainer = L.Trainer(accelerator="cpu", devices=1, strategy="ddp", logger=False,
-                        default_root_dir=tmp_path)
+    trainer = L.Trainer(
+        accelerator="cpu", devices=1, strategy="ddp", logger=False, default_root_dir=tmp_path
+    )
     with pytest.raises(ValueError, match="ntasks-per-node=2"):  # checked at launch
         trainer.fit(BoringModel())
 
@@ -109,8 +133,14 @@ class SignalAt(L.Callback):
     def __init__(self, step: int) -> None:
         self.step = step
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule,
-                           outputs: Any, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
         if trainer.global_step == self.step:
             os.kill(os.getpid(), signal.SIGUSR1)
             trainer.should_stop = True
@@ -125,13 +155,19 @@ class Snapshots(L.Callback):
 
     def _save(self, name: str, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
-        opt_steps = [int(s["step"]) for s in trainer.optimizers[0].state.values()
-                     if "step" in s] if trainer.optimizers else []
-        torch.save({
-            "global_step": trainer.global_step,
-            "optimizer_steps": opt_steps,
-            "state_dict": {k: v.detach().clone() for k, v in pl_module.state_dict().items()},
-        }, self.folder / f"{name}.pt")
+        opt_steps = (
+            [int(s["step"]) for s in trainer.optimizers[0].state.values() if "step" in s]
+            if trainer.optimizers
+            else []
+        )
+        torch.save(
+            {
+                "global_step": trainer.global_step,
+                "optimizer_steps": opt_steps,
+                "state_dict": {k: v.detach().clone() for k, v in pl_module.state_dict().items()},
+            },
+            self.folder / f"{name}.pt",
+        )
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self.run = len(list(self.folder.glob("fresh_*.pt"))) + 1 if self.folder.exists() else 1
@@ -148,23 +184,46 @@ def _requeue_config(path: Path, snapshots: Path) -> Path:
     config = {
         "seed_everything": 0,
         "trainer": {
-            "accelerator": "cpu", "devices": 1, "max_steps": 4, "limit_val_batches": 0,
+            "accelerator": "cpu",
+            "devices": 1,
+            "max_steps": 4,
+            "limit_val_batches": 0,
             "log_every_n_steps": 1,
-            "num_sanity_val_steps": 0, "enable_progress_bar": False,
-            "enable_model_summary": False, "default_root_dir": str(path.parent / "elsewhere"),
-            "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
-                       "init_args": {"save_dir": "{root}", "name": "tb"}},
+            "num_sanity_val_steps": 0,
+            "enable_progress_bar": False,
+            "enable_model_summary": False,
+            "default_root_dir": str(path.parent / "elsewhere"),
+            "logger": {
+                "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+                "init_args": {"save_dir": "{root}", "name": "tb"},
+            },
             "callbacks": [
                 {"class_path": f"{__name__}.SignalAt", "init_args": {"step": 2}},
                 {"class_path": f"{__name__}.Snapshots", "init_args": {"folder": str(snapshots)}},
             ],
         },
-        "model": {"class_path": "lightning_simo.modules.simo.SIMOModule",
-                  "init_args": {"encoder": TINY_VIT, "head": {"kind": "linear", "upsample": 4},
-                                "lr": 1e-3, "schedule": "constant"}},
-        "data": {"class_path": "lightning_simo.data.synthetic.SyntheticDataModule",
-                 "init_args": {"tasks": ["depth"], "num_train": 16, "num_val": 4, "num_test": 4,
-                               "height": 32, "width": 40, "batch_size": 4, "augment": False}},
+        "model": {
+            "class_path": "lightning_simo.modules.simo.SIMOModule",
+            "init_args": {
+                "encoder": TINY_VIT,
+                "head": {"kind": "linear", "upsample": 4},
+                "lr": 1e-3,
+                "schedule": "constant",
+            },
+        },
+        "data": {
+            "class_path": "lightning_simo.data.synthetic.SyntheticDataModule",
+            "init_args": {
+                "tasks": ["depth"],
+                "num_train": 16,
+                "num_val": 4,
+                "num_test": 4,
+                "height": 32,
+                "width": 40,
+                "batch_size": 4,
+                "augment": False,
+            },
+        },
     }
     path.write_text(yaml.safe_dump(config))
     return path
@@ -181,7 +240,8 @@ def _stand_in(folder: Path, name: str, record: Path) -> None:
 @pytest.mark.filterwarnings("ignore:You're resuming from a checkpoint that ended before")
 @pytest.mark.filterwarnings("ignore:Checkpoint directory .* exists and is not empty")
 def test_a_requeued_job_resumes_from_the_hpc_checkpoint(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
 ) -> None:
     _slurm_env(monkeypatch, nodes=1, tasks_per_node=1, proc_id=0)
     monkeypatch.setattr(sys, "argv", ["lightning_simo"])
@@ -191,8 +251,15 @@ def test_a_requeued_job_resumes_from_the_hpc_checkpoint(
     snapshots, root = tmp_path / "snapshots", tmp_path / "runs" / "requeue"
     config = _requeue_config(tmp_path / "config.yaml", snapshots)
     # what launch.sh passes: a stable run folder and TensorBoard version
-    command = ["fit", "--config", str(config), "--trainer.default_root_dir", str(root),
-               "--trainer.logger.init_args.version", JOB_ID]
+    command = [
+        "fit",
+        "--config",
+        str(config),
+        "--trainer.default_root_dir",
+        str(root),
+        "--trainer.logger.init_args.version",
+        JOB_ID,
+    ]
 
     main(command)  # the time limit arrives after step 2
     assert requeue_call.read_text().split() == ["requeue", JOB_ID]
@@ -223,8 +290,9 @@ def test_a_requeued_job_resumes_from_the_hpc_checkpoint(
 # ---------------------------------------------------------------------------- scripts
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_scripts_are_valid_bash(script: str) -> None:
-    result = subprocess.run(["bash", "-n", str(SLURM_DIR / script)], capture_output=True,
-                            text=True, check=False)
+    result = subprocess.run(
+        ["bash", "-n", str(SLURM_DIR / script)], capture_output=True, text=True, check=False
+    )
     assert result.returncode == 0, result.stderr
 
 
@@ -237,8 +305,9 @@ def _sbatch_options(script: str) -> dict[str, str]:
     return options
 
 
-@pytest.mark.parametrize(("script", "multi"), [("single_node.sbatch", False),
-                                               ("multi_node.sbatch", True)])
+@pytest.mark.parametrize(
+    ("script", "multi"), [("single_node.sbatch", False), ("multi_node.sbatch", True)]
+)
 def test_sbatch_requests_one_task_per_gpu_and_a_requeue_signal(script: str, multi: bool) -> None:
     options = _sbatch_options(script)
     assert (int(options["nodes"]) > 1) is multi
@@ -255,8 +324,14 @@ def _launch(tmp_path: Path, env: dict[str, str], *args: str) -> tuple[int, str, 
     record.unlink(missing_ok=True)
     _stand_in(tmp_path / "bin", "srun", record)
     full_env = {**env, "PATH": f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}"}
-    result = subprocess.run(["bash", str(SLURM_DIR / "launch.sh"), *args], cwd=REPO,
-                            env=full_env, capture_output=True, text=True, check=False)
+    result = subprocess.run(
+        ["bash", str(SLURM_DIR / "launch.sh"), *args],
+        cwd=REPO,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     recorded = record.read_text().splitlines() if record.exists() else []
     return result.returncode, result.stderr, recorded
 
@@ -266,12 +341,20 @@ def _value(args: list[str], flag: str) -> str | None:
 
 
 def test_launch_matches_the_allocation_and_resumes_only_after_a_requeue(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr(sys, "argv", ["lightning_simo"])
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
-    env.update({"SLURM_JOB_ID": JOB_ID, "SLURM_NNODES": "2", "SLURM_NTASKS_PER_NODE": "4",
-                "RUN_ROOT": str(tmp_path / "runs")})
+    env.update(
+        {
+            "SLURM_JOB_ID": JOB_ID,
+            "SLURM_NNODES": "2",
+            "SLURM_NTASKS_PER_NODE": "4",
+            "RUN_ROOT": str(tmp_path / "runs"),
+        }
+    )
     config = "configs/synthetic/single_task.yaml"
     code, err, args = _launch(tmp_path, env, config, "--trainer.max_epochs", "1")
     assert code == 0, err
@@ -304,8 +387,15 @@ def test_launch_matches_the_allocation_and_resumes_only_after_a_requeue(
 
 def test_one_gpu_jobs_keep_the_configured_strategy(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
-    env.update({"SLURM_JOB_ID": JOB_ID, "SLURM_NNODES": "1", "SLURM_TASKS_PER_NODE": "1",
-                "RUN_NAME": "one_gpu", "RUN_ROOT": str(tmp_path / "runs")})
+    env.update(
+        {
+            "SLURM_JOB_ID": JOB_ID,
+            "SLURM_NNODES": "1",
+            "SLURM_TASKS_PER_NODE": "1",
+            "RUN_NAME": "one_gpu",
+            "RUN_ROOT": str(tmp_path / "runs"),
+        }
+    )
     code, err, args = _launch(tmp_path, env, "configs/synthetic/merge.yaml")
     assert code == 0, err
     assert _value(args, "--trainer.default_root_dir") == str(tmp_path / "runs" / "one_gpu")
@@ -315,11 +405,15 @@ def test_one_gpu_jobs_keep_the_configured_strategy(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     ("args", "slurm", "message"),
-    [((), True, "usage"), (("configs/missing.yaml",), True, "config not found"),
-     (("configs/synthetic/merge.yaml",), False, "not inside a SLURM job")],
+    [
+        ((), True, "usage"),
+        (("configs/missing.yaml",), True, "config not found"),
+        (("configs/synthetic/merge.yaml",), False, "not inside a SLURM job"),
+    ],
 )
-def test_launch_refuses_what_it_cannot_run(tmp_path: Path, args: tuple[str, ...], slurm: bool,
-                                           message: str) -> None:
+def test_launch_refuses_what_it_cannot_run(
+    tmp_path: Path, args: tuple[str, ...], slurm: bool, message: str
+) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
     if slurm:
         env["SLURM_JOB_ID"] = JOB_ID

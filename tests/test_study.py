@@ -25,8 +25,14 @@ def tiny_settings(out: Path, **overrides) -> StudySettings:
     settings = StudySettings(
         out=str(out),
         configs=configs,
-        data={"num_train": 16, "num_val": 8, "num_test": 8, "batch_size": 8,
-              "height": 32, "width": 40},
+        data={
+            "num_train": 16,
+            "num_val": 8,
+            "num_test": 8,
+            "batch_size": 8,
+            "height": 32,
+            "width": 40,
+        },
         foundation_images=16,
         foundation_epochs=1,
         single_task_epochs=1,
@@ -58,9 +64,17 @@ def test_tiny_study_runs_every_stage_and_skips_on_rerun(tmp_path):
         rows = list(csv.DictReader(f))
     methods = [r["method"] for r in rows]
     expected = {
-        "single-task models", "θ0 + fine-tuned heads", "average", "task_arithmetic", "ties",
-        "dare", "task_arithmetic + heads re-align", "task_arithmetic + adapters re-align",
-        "task_arithmetic + tinting re-align", "ties + heads re-align", "joint MTL (equal)",
+        "single-task models",
+        "θ0 + fine-tuned heads",
+        "average",
+        "task_arithmetic",
+        "ties",
+        "dare",
+        "task_arithmetic + heads re-align",
+        "task_arithmetic + adapters re-align",
+        "task_arithmetic + tinting re-align",
+        "ties + heads re-align",
+        "joint MTL (equal)",
         "joint MTL (gradnorm)",
     }
     assert expected <= set(methods)

@@ -60,8 +60,9 @@ def _datamodule(**overrides: Any) -> SyntheticDataModule:
     return SyntheticDataModule(**options)
 
 
-def _fine_tune(task: str, theta0: Mapping[str, Tensor], dm: SyntheticDataModule,
-               steps: int) -> SIMOModule:
+def _fine_tune(
+    task: str, theta0: Mapping[str, Tensor], dm: SyntheticDataModule, steps: int
+) -> SIMOModule:
     module = SIMOModule(tasks=[task], num_classes=dm.num_classes, encoder=TINY_VIT, head=HEAD)
     module.net.encoder.load_state_dict(theta0)
     optimizer = torch.optim.Adam(module.parameters(), lr=2e-3)
@@ -83,8 +84,9 @@ def make_single_tasks(root: Path, dm: SyntheticDataModule, steps: int) -> Single
     """θ0 (a random tiny ViT), and one model per task fine-tuned from it for ``steps`` steps."""
     torch.manual_seed(0)
     dm.setup("fit")
-    theta0 = SIMOModule(tasks=list(TASKS), num_classes=dm.num_classes, encoder=TINY_VIT,
-                        head=HEAD).net.encoder.state_dict()
+    theta0 = SIMOModule(
+        tasks=list(TASKS), num_classes=dm.num_classes, encoder=TINY_VIT, head=HEAD
+    ).net.encoder.state_dict()
     theta0_path = root / "theta0.pt"
     torch.save({"state_dict": {f"net.encoder.{k}": v for k, v in theta0.items()}}, theta0_path)
     checkpoints, references = {}, []
@@ -122,13 +124,15 @@ def _trainer(**kwargs: Any) -> L.Trainer:
 
 
 def _callback(single: SingleTasks, realign: str = "tinting") -> MergeCallback:
-    return MergeCallback(checkpoints=single.checkpoints, scaling=0.3, realign=realign,
-                         pretrained=str(single.theta0))
+    return MergeCallback(
+        checkpoints=single.checkpoints, scaling=0.3, realign=realign, pretrained=str(single.theta0)
+    )
 
 
 def _module(**kwargs: Any) -> TintingModule:
-    return TintingModule(tasks=list(TASKS), num_classes={"segmentation": 8}, encoder=TINY_VIT,
-                         head=HEAD, **kwargs)
+    return TintingModule(
+        tasks=list(TASKS), num_classes={"segmentation": 8}, encoder=TINY_VIT, head=HEAD, **kwargs
+    )
 
 
 def _set_up(single: SingleTasks, realign: str = "tinting", **kwargs: Any) -> TintingModule:
@@ -164,8 +168,9 @@ class _GarbageDataModule(SyntheticDataModule):
         return _GarbageTargets(super().make_dataset(split, train))
 
 
-def _fit(single: SingleTasks, dm: SyntheticDataModule, epochs: int = 2,
-         **kwargs: Any) -> tuple[TintingModule, L.Trainer]:
+def _fit(
+    single: SingleTasks, dm: SyntheticDataModule, epochs: int = 2, **kwargs: Any
+) -> tuple[TintingModule, L.Trainer]:
     L.seed_everything(0)
     module = _module(**kwargs)
     trainer = _trainer(max_epochs=epochs, callbacks=[_callback(single)], limit_val_batches=0)
@@ -276,8 +281,11 @@ def test_task_order_is_a_permutation_fixed_by_the_step() -> None:
 
 # ----------------------------------------------------------------------------- set-up
 def _float_encoder_tensors(module: TintingModule) -> int:
-    return sum(1 for n, p in module.net.encoder.named_parameters()
-               if n.startswith("backbone.") and p.is_floating_point())
+    return sum(
+        1
+        for n, p in module.net.encoder.named_parameters()
+        if n.startswith("backbone.") and p.is_floating_point()
+    )
 
 
 def test_tinting_trains_exactly_the_coefficients_and_the_tinted_layers(
@@ -310,10 +318,13 @@ def test_adamerging_trains_only_the_coefficients(single: SingleTasks) -> None:
 
 
 def test_tinting_needs_the_tinting_module(single: SingleTasks) -> None:
-    module = SIMOModule(tasks=list(TASKS), num_classes={"segmentation": 8}, encoder=TINY_VIT,
-                        head=HEAD)
-    with pytest.raises(ValueError, match="realign: tinting needs model class "
-                       "lightning_simo.modules.tinting.TintingModule"):
+    module = SIMOModule(
+        tasks=list(TASKS), num_classes={"segmentation": 8}, encoder=TINY_VIT, head=HEAD
+    )
+    with pytest.raises(
+        ValueError,
+        match="realign: tinting needs model class lightning_simo.modules.tinting.TintingModule",
+    ):
         _callback(single, "tinting").setup(_trainer(), module, "fit")
 
 
@@ -341,8 +352,9 @@ def test_before_training_the_merge_is_task_arithmetic_and_teachers_are_the_singl
         teachers = module.teacher_outputs(images)
     for task in TASKS:
         torch.testing.assert_close(tinted[task], merged[task], rtol=1e-4, atol=1e-5)
-        single_model = SIMOModule(tasks=[task], num_classes={"segmentation": 8},
-                                  encoder=TINY_VIT, head=HEAD).eval()
+        single_model = SIMOModule(
+            tasks=[task], num_classes={"segmentation": 8}, encoder=TINY_VIT, head=HEAD
+        ).eval()
         single_model.load_net_weights(single.checkpoints[task])
         with torch.no_grad():
             expected = single_model.net(images)[task]
@@ -385,7 +397,8 @@ def test_only_the_last_visited_task_holds_gradients(
 
 
 def test_tinting_moves_the_tinted_layers_and_nothing_else(
-    single: SingleTasks, fitted: tuple[TintingModule, L.Trainer],
+    single: SingleTasks,
+    fitted: tuple[TintingModule, L.Trainer],
 ) -> None:
     module, _ = fitted
     for task in TASKS:
@@ -397,13 +410,17 @@ def test_tinting_moves_the_tinted_layers_and_nothing_else(
 
 
 def test_labels_are_never_used(
-    single: SingleTasks, fitted: tuple[TintingModule, L.Trainer],
+    single: SingleTasks,
+    fitted: tuple[TintingModule, L.Trainer],
 ) -> None:
-    garbage = _GarbageDataModule(**{**DATA, "tasks": list(TASKS), "augment": False,
-                                    "train_split": "val"})
+    garbage = _GarbageDataModule(
+        **{**DATA, "tasks": list(TASKS), "augment": False, "train_split": "val"}
+    )
     garbage.setup("fit")
-    clean_sample, garbage_sample = _datamodule().make_dataset("val", False)[0], \
-        garbage.datasets["train"][0]
+    clean_sample, garbage_sample = (
+        _datamodule().make_dataset("val", False)[0],
+        garbage.datasets["train"][0],
+    )
     assert torch.equal(clean_sample["image"], garbage_sample["image"])
     assert not torch.equal(clean_sample["depth"], garbage_sample["depth"])
     module, _ = _fit(single, garbage, lr_coefficients=1.0)
@@ -438,7 +455,8 @@ def test_teacher_cache_refuses_changed_images() -> None:
 
 
 def test_uncached_teachers_train_the_same(
-    single: SingleTasks, fitted: tuple[TintingModule, L.Trainer],
+    single: SingleTasks,
+    fitted: tuple[TintingModule, L.Trainer],
 ) -> None:
     module, _ = _fit(single, _datamodule(), lr_coefficients=1.0, cache_teachers=False)
     assert module.teacher_cache is None
@@ -448,7 +466,9 @@ def test_uncached_teachers_train_the_same(
 
 
 def test_checkpoint_holds_the_merged_encoder_and_restores(
-    single: SingleTasks, fitted: tuple[TintingModule, L.Trainer], tmp_path: Path,
+    single: SingleTasks,
+    fitted: tuple[TintingModule, L.Trainer],
+    tmp_path: Path,
 ) -> None:
     module, trainer = fitted
     path = tmp_path / "tinted.ckpt"
@@ -467,8 +487,13 @@ def test_checkpoint_holds_the_merged_encoder_and_restores(
     with torch.no_grad():
         expected = module(images)
     # a plain SIMOModule loading the checkpoint is the re-aligned model
-    plain = SIMOModule(tasks=list(TASKS), num_classes={"segmentation": 8}, encoder=TINY_VIT,
-                       head=HEAD, init_from=str(path)).eval()
+    plain = SIMOModule(
+        tasks=list(TASKS),
+        num_classes={"segmentation": 8},
+        encoder=TINY_VIT,
+        head=HEAD,
+        init_from=str(path),
+    ).eval()
     # a fresh TintingModule, merged again by the callback, gets λ and tinted layers back
     restored = _set_up(single)
     restored.load_state_dict(state)
@@ -493,8 +518,14 @@ def _delta(run_dir: Path) -> dict[str, float]:
     return json.loads((run_dir / "test_metrics.json").read_text())["metrics"]
 
 
-E2E_DATA = {"num_train": 64, "num_val": 32, "num_test": 32, "height": 32, "width": 40,
-            "batch_size": 8}
+E2E_DATA = {
+    "num_train": 64,
+    "num_val": 32,
+    "num_test": 32,
+    "height": 32,
+    "width": 40,
+    "batch_size": 8,
+}
 
 
 @pytest.mark.slow
@@ -505,20 +536,32 @@ def test_cli_tinting_improves_the_merged_model(tmp_path: Path) -> None:
     checkpoints = ", ".join(f"{t}: {p}" for t, p in single.checkpoints.items())
     config = ROOT / "configs" / "synthetic" / "merge_tinting.yaml"
     common = [
-        "--config", str(config),
-        "--model.init_args.encoder", json.dumps(encoder),
-        "--model.init_args.reference_metrics", json.dumps(single.references),
-        "--merge.checkpoints", f"{{{checkpoints}}}",
-        "--trainer.accelerator", "cpu",
-        "--trainer.enable_progress_bar", "false",
-        "--trainer.enable_model_summary", "false",
-        "--trainer.log_every_n_steps", "1",
-        *[arg for key, value in E2E_DATA.items()
-          for arg in (f"--data.init_args.{key}", str(value))],
+        "--config",
+        str(config),
+        "--model.init_args.encoder",
+        json.dumps(encoder),
+        "--model.init_args.reference_metrics",
+        json.dumps(single.references),
+        "--merge.checkpoints",
+        f"{{{checkpoints}}}",
+        "--trainer.accelerator",
+        "cpu",
+        "--trainer.enable_progress_bar",
+        "false",
+        "--trainer.enable_model_summary",
+        "false",
+        "--trainer.log_every_n_steps",
+        "1",
+        *[
+            arg
+            for key, value in E2E_DATA.items()
+            for arg in (f"--data.init_args.{key}", str(value))
+        ],
     ]
     before = tmp_path / "none"
-    _run_cli(["test", *common, "--merge.realign", "none",
-              "--trainer.default_root_dir", str(before)])
+    _run_cli(
+        ["test", *common, "--merge.realign", "none", "--trainer.default_root_dir", str(before)]
+    )
     after = tmp_path / "tinting"
     run = [*common, "--trainer.default_root_dir", str(after), "--trainer.max_epochs", "6"]
     _run_cli(["fit", *run])
@@ -526,9 +569,11 @@ def test_cli_tinting_improves_the_merged_model(tmp_path: Path) -> None:
     assert sorted(p.name for p in last.parent.iterdir()) == ["last.ckpt"]  # no label-based pick
     _run_cli(["test", *run, "--ckpt_path", str(last)])
     m_before, m_after = _delta(before), _delta(after)
-    print(f"\nΔ_MTL ratio before {m_before['delta_mtl_ratio']:.2f} after "
-          f"{m_after['delta_mtl_ratio']:.2f}; difference before "
-          f"{m_before['delta_mtl_difference']:.2f} after {m_after['delta_mtl_difference']:.2f}")
+    print(
+        f"\nΔ_MTL ratio before {m_before['delta_mtl_ratio']:.2f} after "
+        f"{m_after['delta_mtl_ratio']:.2f}; difference before "
+        f"{m_before['delta_mtl_difference']:.2f} after {m_after['delta_mtl_difference']:.2f}"
+    )
     for task in TASKS:
         print(task, f"{m_before[f'{task}/normalized']:.4f} -> {m_after[f'{task}/normalized']:.4f}")
     assert m_after["delta_mtl_ratio"] > m_before["delta_mtl_ratio"]

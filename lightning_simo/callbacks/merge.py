@@ -216,12 +216,15 @@ class MergeCallback(L.Callback):
         elif self.scaling == "search" and not resuming:
             alpha = self._search(trainer, pl_module, theta0, direction, finetuned)
         elif self.scaling == "search":
-            alpha = self.alpha if self.alpha is not None else 1.0  # weights come from the checkpoint
+            alpha = (
+                self.alpha if self.alpha is not None else 1.0
+            )  # weights come from the checkpoint
         else:
             alpha = float(self.scaling)
         self.alpha = alpha
-        encoder.load_state_dict(_apply(theta0, direction, 1.0 if alpha is None else alpha),
-                                strict=False)
+        encoder.load_state_dict(
+            _apply(theta0, direction, 1.0 if alpha is None else alpha), strict=False
+        )
         if self.bn_stats == "reestimate":
             self._reestimate_bn(trainer, pl_module)
         apply_realign_mode(net, self.realign, self.adapter_rank, self.adapter_form)
@@ -244,7 +247,8 @@ class MergeCallback(L.Callback):
         merged = merge(theta0, finetuned, self.method, bn_stats=bn, **options)
         return {
             k: (merged[k].float() - theta0[k].float())
-            if theta0[k].is_floating_point() else merged[k]
+            if theta0[k].is_floating_point()
+            else merged[k]
             for k in merged
         }
 
@@ -276,8 +280,9 @@ class MergeCallback(L.Callback):
         # every rank searched the same data deterministically; rank 0's choice is authoritative
         best = float(trainer.strategy.broadcast(best, src=0))
         table = ", ".join(f"{a:g}: {s:.4f}" for a, s in self.search_scores.items())
-        rank_zero_info(f"[merge] {self.method} α search on {self.search_split} -> {table}; "
-                       f"best α = {best:g}")
+        rank_zero_info(
+            f"[merge] {self.method} α search on {self.search_split} -> {table}; best α = {best:g}"
+        )
         return best
 
     @torch.no_grad()

@@ -57,8 +57,9 @@ def _block_width(encoder: Encoder, index: int) -> int:
     return int(backbone.feature_info[index]["num_chs"])
 
 
-def apply_realign_mode(net: SIMONet, mode: str, adapter_rank: int = 16,
-                       adapter_form: str = "lora") -> None:
+def apply_realign_mode(
+    net: SIMONet, mode: str, adapter_rank: int = 16, adapter_form: str = "lora"
+) -> None:
     """Set ``requires_grad`` for ``mode`` (and inject adapters for ``adapters``).
 
     ``none``: nothing trains (evaluate the merged model). ``heads``: heads only. ``adapters``:
@@ -118,9 +119,11 @@ class FeatureCache:
             self.encoder.train(was_training)
             for k, j in enumerate(missing):
                 feats = [f[k].detach().clone() for f in out.features]
-                tokens = None if out.class_tokens is None else [
-                    t[k].detach().clone() for t in out.class_tokens
-                ]
+                tokens = (
+                    None
+                    if out.class_tokens is None
+                    else [t[k].detach().clone() for t in out.class_tokens]
+                )
                 self._store[indices[j]] = (feats, tokens)
                 self._fingerprints[indices[j]] = prints[j]
             self.misses += len(missing)
@@ -129,7 +132,9 @@ class FeatureCache:
         features = [torch.stack([e[0][lvl] for e in entries]) for lvl in range(len(entries[0][0]))]
         tokens = None
         if entries[0][1] is not None:
-            tokens = [torch.stack([e[1][lvl] for e in entries]) for lvl in range(len(entries[0][1]))]
+            tokens = [
+                torch.stack([e[1][lvl] for e in entries]) for lvl in range(len(entries[0][1]))
+            ]
         size = (int(images.shape[-2]), int(images.shape[-1]))
         return EncoderOutput(features, tokens, size)
 
@@ -144,7 +149,8 @@ class FeatureCache:
         ):
             return
         changed = next(
-            i for i, s, p in zip(indices, stored, prints, strict=True)
+            i
+            for i, s, p in zip(indices, stored, prints, strict=True)
             if s.shape != p.shape
             or not torch.allclose(s, p, rtol=_FINGERPRINT_RTOL, atol=_FINGERPRINT_ATOL)
         )

@@ -51,9 +51,7 @@ class ImageLogger(L.Callback):
         n = min(self.num_images, batch["image"].shape[0])
         for name, pred in outputs["preds"].items():
             task = pl_module.task_specs[name]
-            rows = [
-                task_panel(task, batch["image"][i], pred[i], batch[name][i]) for i in range(n)
-            ]
+            rows = [task_panel(task, batch["image"][i], pred[i], batch[name][i]) for i in range(n)]
             grid = torch.cat(rows, dim=-2)
             for lg in loggers:
                 lg.experiment.add_image(f"val/{name}", grid, trainer.global_step)

@@ -112,13 +112,14 @@ class Encoder(nn.Module):
         for i in self.indices:
             if not 0 <= i < n_blocks:
                 raise ValueError(
-                    f"Encoder block index {i} is out of range for {cfg.name!r} "
-                    f"({n_blocks} blocks)."
+                    f"Encoder block index {i} is out of range for {cfg.name!r} ({n_blocks} blocks)."
                 )
         if len(set(self.indices)) != len(self.indices):
             raise ValueError(f"Encoder block indices must be distinct, got {cfg.indices}.")
         self.use_class_token = bool(
-            cfg.class_token and self._is_vit and getattr(self.backbone, "cls_token", None) is not None
+            cfg.class_token
+            and self._is_vit
+            and getattr(self.backbone, "cls_token", None) is not None
         )
         mean, std = _IMAGENET_MEAN, _IMAGENET_STD
         self.register_buffer("_mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)

@@ -54,7 +54,10 @@ class FoundationModule(L.LightningModule):
         p = self.encoder.patch_size
         width = self.encoder.channels[-1]
         self.decoder = nn.Sequential(
-            nn.Conv2d(width, width, 1), nn.GELU(), nn.Conv2d(width, 3 * p * p, 1), nn.PixelShuffle(p)
+            nn.Conv2d(width, width, 1),
+            nn.GELU(),
+            nn.Conv2d(width, 3 * p * p, 1),
+            nn.PixelShuffle(p),
         )
 
     def _mask(self, images: Tensor) -> Tensor:
@@ -96,5 +99,7 @@ class FoundationModule(L.LightningModule):
             self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay
         )
         total = int(self.trainer.estimated_stepping_batches)
-        return {"optimizer": opt,
-                "lr_scheduler": one_cycle(opt, total, self.hparams.warmup_fraction)}
+        return {
+            "optimizer": opt,
+            "lr_scheduler": one_cycle(opt, total, self.hparams.warmup_fraction),
+        }

@@ -107,7 +107,9 @@ class SIMOModule(L.LightningModule):
             self.net.encoder.requires_grad_(False)
         self.metrics = nn.ModuleDict(
             {
-                split: nn.ModuleDict({t: spec.make_metrics() for t, spec in self.task_specs.items()})
+                split: nn.ModuleDict(
+                    {t: spec.make_metrics() for t, spec in self.task_specs.items()}
+                )
                 for split in SPLIT_NAMES
             }
         )
@@ -159,7 +161,9 @@ class SIMOModule(L.LightningModule):
     def forward(self, images: Tensor) -> dict[str, Tensor]:
         return self.net(images)
 
-    def task_losses(self, batch: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    def task_losses(
+        self, batch: Mapping[str, Tensor]
+    ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         preds = self.net.forward_heads(self.encode(batch))
         losses = {t: self.task_specs[t].loss(preds[t], batch[t]) for t in self.task_specs}
         return preds, losses
@@ -202,10 +206,23 @@ class SIMOModule(L.LightningModule):
         n = int(batch["image"].shape[0])
         on_step = split == "train"
         for t, loss in losses.items():
-            self.log(f"{split}/{t}/loss", loss, batch_size=n, on_step=on_step, on_epoch=True,
-                     sync_dist=not on_step)
-        self.log(f"{split}/loss", total, batch_size=n, on_step=on_step, on_epoch=True,
-                 prog_bar=True, sync_dist=not on_step)
+            self.log(
+                f"{split}/{t}/loss",
+                loss,
+                batch_size=n,
+                on_step=on_step,
+                on_epoch=True,
+                sync_dist=not on_step,
+            )
+        self.log(
+            f"{split}/loss",
+            total,
+            batch_size=n,
+            on_step=on_step,
+            on_epoch=True,
+            prog_bar=True,
+            sync_dist=not on_step,
+        )
 
     # ------------------------------------------------------------------ epoch ends
     def _compute_metrics(self, split: str) -> dict[str, float]:
@@ -314,8 +331,10 @@ class SIMOModule(L.LightningModule):
         if self.hparams.schedule == "constant":
             return opt
         total = int(self.trainer.estimated_stepping_batches)
-        return {"optimizer": opt,
-                "lr_scheduler": one_cycle(opt, total, self.hparams.warmup_fraction)}
+        return {
+            "optimizer": opt,
+            "lr_scheduler": one_cycle(opt, total, self.hparams.warmup_fraction),
+        }
 
     def on_fit_start(self) -> None:
         if self.logger is not None:

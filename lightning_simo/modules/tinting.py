@@ -176,8 +176,9 @@ class LayerwiseMerge(nn.Module):
         self.coefficients = nn.Parameter(torch.full((len(finetuned), len(self.names)), init))
         for i, name in enumerate(self.names):
             base = theta0[name].detach().float()
-            tau = torch.stack([ft[name].detach().to(base.device).float() - base
-                               for ft in finetuned])
+            tau = torch.stack(
+                [ft[name].detach().to(base.device).float() - base for ft in finetuned]
+            )
             self.register_buffer(f"theta0_{i}", base.clone(), persistent=False)
             self.register_buffer(f"tau_{i}", tau, persistent=False)
 
@@ -414,7 +415,8 @@ class TintingModule(SIMOModule):
             raise ValueError(f"No fine-tuned head given for task(s) {missing}.")
         encoder = self.net.encoder
         params = [
-            (n, p) for n, p in encoder.named_parameters()
+            (n, p)
+            for n, p in encoder.named_parameters()
             if n.startswith("backbone.") and p.is_floating_point()
         ]
         for state, label in [(theta0, "the pretrained encoder")] + [
@@ -450,8 +452,11 @@ class TintingModule(SIMOModule):
         try:
             layer = head.get_submodule(self.tint_layer)
         except AttributeError:
-            names = [n for n, m in head.named_modules()
-                     if n and next(m.parameters(recurse=False), None) is not None]
+            names = [
+                n
+                for n, m in head.named_modules()
+                if n and next(m.parameters(recurse=False), None) is not None
+            ]
             raise ValueError(
                 f"The {task!r} head has no layer {self.tint_layer!r} to tint; layers with "
                 f"weights: {', '.join(names)}."
@@ -535,13 +540,21 @@ class TintingModule(SIMOModule):
             optimizer.step()
             self.layer_merge.clamp_()
             losses.append(loss.detach())
-            self.log(f"train/{task}/tint_loss", loss.detach(), batch_size=n, on_step=True,
-                     on_epoch=True)
+            self.log(
+                f"train/{task}/tint_loss", loss.detach(), batch_size=n, on_step=True, on_epoch=True
+            )
             if kept is not None:
-                self.log(f"train/{task}/kept_fraction", kept, batch_size=n, on_step=True,
-                         on_epoch=True)
-        self.log("train/loss", torch.stack(losses).mean(), batch_size=n, on_step=True,
-                 on_epoch=True, prog_bar=True)
+                self.log(
+                    f"train/{task}/kept_fraction", kept, batch_size=n, on_step=True, on_epoch=True
+                )
+        self.log(
+            "train/loss",
+            torch.stack(losses).mean(),
+            batch_size=n,
+            on_step=True,
+            on_epoch=True,
+            prog_bar=True,
+        )
         lam = self.layer_merge.coefficients.detach()
         self.log("train/lambda_mean", lam.mean(), on_step=True, on_epoch=False)
         for k, task in enumerate(self.tasks):
@@ -552,8 +565,11 @@ class TintingModule(SIMOModule):
         if self.layer_merge is None:
             raise ValueError(_NOT_CONFIGURED)
         groups: list[dict[str, Any]] = [
-            {"params": [self.layer_merge.coefficients], "lr": self.lr_coefficients,
-             "name": "coefficients"}
+            {
+                "params": [self.layer_merge.coefficients],
+                "lr": self.lr_coefficients,
+                "name": "coefficients",
+            }
         ]
         tinted = self.tinted_parameters()
         if tinted:
