@@ -155,19 +155,27 @@ def build_cli(args: list[str] | None, run: bool = True) -> SIMOCLI:
 
     One place for the CLI's settings, so commands that need the objects a config describes
     without fitting anything (``analyze``, notebooks) build them exactly as ``fit`` would.
+    Explicit ``args`` (the study's stages, tests) hide the process's own command line from
+    LightningCLI, which would otherwise warn about both being given.
     """
-    return SIMOCLI(
-        save_config_kwargs={"overwrite": True},
-        subclass_mode_model=True,
-        subclass_mode_data=True,
-        args=args,
-        run=run,
-        auto_configure_optimizers=False,
-        parser_kwargs={
-            "epilog": _extra_commands_help(),
-            "formatter_class": argparse.RawDescriptionHelpFormatter,
-        },
-    )
+    argv = sys.argv
+    if args is not None:
+        sys.argv = argv[:1]
+    try:
+        return SIMOCLI(
+            save_config_kwargs={"overwrite": True},
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            args=args,
+            run=run,
+            auto_configure_optimizers=False,
+            parser_kwargs={
+                "epilog": _extra_commands_help(),
+                "formatter_class": argparse.RawDescriptionHelpFormatter,
+            },
+        )
+    finally:
+        sys.argv = argv
 
 
 def _raised_by_parser(err: BaseException) -> bool:
