@@ -92,3 +92,4 @@ def test_single_task_fit_writes_checkpoints_named_by_task_and_tensorboard_events
     assert "val/depth" in events.Tags()["images"]
     abs_err = [e.value for e in events.Scalars("val/depth/abs_err")]
     assert len(abs_err) == 2 and all(v > 0 for v in abs_err)
+    assert [e.value for e in events.Scalars("train/samples_seen")] == [8.0, 16.0]

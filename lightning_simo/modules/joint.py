@@ -202,6 +202,7 @@ class JointMTLModule(SIMOModule):
 
     def on_train_epoch_end(self) -> None:
         """Give the strategy this epoch's average training losses, identical on every rank."""
+        super().on_train_epoch_end()
         sums = torch.cat([self._epoch_loss_sum, self._epoch_steps.reshape(1)])
         sums = self.trainer.strategy.reduce(sums, reduce_op="sum")
         steps = float(sums[-1])

@@ -233,6 +233,11 @@ class SIMOModule(L.LightningModule):
             metric.reset()
         return flat
 
+    def on_train_epoch_end(self) -> None:
+        # labelled samples seen by all ranks: the cost column of the results tables
+        seen = float(self.samples_seen) * self.trainer.world_size
+        self.log("train/samples_seen", seen, rank_zero_only=True)
+
     def on_validation_epoch_end(self) -> None:
         if self.trainer.sanity_checking:
             for metric in self.metrics["val"].values():
