@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from torch import Tensor
 from torch.utils.data import Dataset
@@ -152,14 +152,9 @@ class CityscapesDataModule(DenseDataModule):
         hflip: random horizontal flips for training.
         num_val: images of the official training set used as the val split (count or fraction).
         split_seed: seed of the train / val split.
-        batch_size: training batch size per device.
-        eval_batch_size: val / test batch size (defaults to ``batch_size``).
-        num_workers: loader worker processes.
-        pin_memory: pin host memory.
-        persistent_workers: keep workers alive between epochs.
-        train_budget: train on a seeded subset (fraction in (0, 1] or a count).
-        train_split: the split that feeds training (``"val"`` for re-alignment).
-        seed: seed of the training-budget subset.
+        **kwargs: the loader, budget and seed settings of
+            :class:`~lightning_simo.data.base.DenseDataModule` (``batch_size``,
+            ``num_workers``, ``train_budget``, ``train_split``, ...).
     """
 
     dataset_tasks: ClassVar[dict[str, int | None]] = {
@@ -178,28 +173,11 @@ class CityscapesDataModule(DenseDataModule):
         hflip: bool = True,
         num_val: int | float = 0.2,
         split_seed: int = 42,
-        batch_size: int = 16,
-        eval_batch_size: int | None = None,
-        num_workers: int = 0,
-        pin_memory: bool = False,
-        persistent_workers: bool = False,
-        train_budget: float | int | None = None,
-        train_split: str = "train",
-        seed: int = 0,
+        **kwargs: Any,
     ) -> None:
         if classes not in CLASS_COUNTS:
             raise ValueError(f"Cityscapes classes must be one of {CLASS_COUNTS}, got {classes}.")
-        super().__init__(
-            tasks=tasks,
-            batch_size=batch_size,
-            eval_batch_size=eval_batch_size,
-            num_workers=num_workers,
-            pin_memory=pin_memory,
-            persistent_workers=persistent_workers,
-            train_budget=train_budget,
-            train_split=train_split,
-            seed=seed,
-        )
+        super().__init__(tasks=tasks, **kwargs)
         self.root = root
         self.classes = classes
         self.crop = tuple(crop) if crop is not None else None

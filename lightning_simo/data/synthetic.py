@@ -33,7 +33,7 @@ import zlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -643,26 +643,9 @@ class SyntheticDataModule(DenseDataModule):
         augment: bool = True,
         scales: Sequence[float] = (1.0, 1.2),
         hflip: bool = True,
-        batch_size: int = 16,
-        eval_batch_size: int | None = None,
-        num_workers: int = 0,
-        pin_memory: bool = False,
-        persistent_workers: bool = False,
-        train_budget: float | int | None = None,
-        train_split: str = "train",
-        seed: int = 0,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(
-            tasks=tasks,
-            batch_size=batch_size,
-            eval_batch_size=eval_batch_size,
-            num_workers=num_workers,
-            pin_memory=pin_memory,
-            persistent_workers=persistent_workers,
-            train_budget=train_budget,
-            train_split=train_split,
-            seed=seed,
-        )
+        super().__init__(tasks=tasks, **kwargs)
         sizes = {"train": num_train, "val": num_val, "test": num_test, "pretrain": num_pretrain}
         for split, count in sizes.items():
             if count < 0 or (count == 0 and split != "pretrain"):

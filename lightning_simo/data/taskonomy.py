@@ -25,7 +25,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import cv2
 import numpy as np
@@ -271,14 +271,9 @@ class TaskonomyDataModule(DenseDataModule):
         scales: random rescaling factors for training.
         hflip: random horizontal flips for training.
         split_seed: seed of the per-building view selection.
-        batch_size: training batch size per device.
-        eval_batch_size: val / test batch size (defaults to ``batch_size``).
-        num_workers: loader worker processes.
-        pin_memory: pin host memory.
-        persistent_workers: keep workers alive between epochs.
-        train_budget: train on a seeded subset (fraction in (0, 1] or a count).
-        train_split: the split that feeds training (``"val"`` for re-alignment).
-        seed: seed of the training-budget subset.
+        **kwargs: the loader, budget and seed settings of
+            :class:`~lightning_simo.data.base.DenseDataModule` (``batch_size``,
+            ``num_workers``, ``train_budget``, ``train_split``, ...).
     """
 
     dataset_tasks: ClassVar[dict[str, int | None]] = {
@@ -304,26 +299,10 @@ class TaskonomyDataModule(DenseDataModule):
         scales: Sequence[float] = (1.0,),
         hflip: bool = False,
         split_seed: int = 42,
-        batch_size: int = 32,
-        eval_batch_size: int | None = None,
-        num_workers: int = 0,
-        pin_memory: bool = False,
-        persistent_workers: bool = False,
-        train_budget: float | int | None = None,
-        train_split: str = "train",
-        seed: int = 0,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(
-            tasks=list(DEFAULT_TASKS) if tasks is None else tasks,
-            batch_size=batch_size,
-            eval_batch_size=eval_batch_size,
-            num_workers=num_workers,
-            pin_memory=pin_memory,
-            persistent_workers=persistent_workers,
-            train_budget=train_budget,
-            train_split=train_split,
-            seed=seed,
-        )
+        kwargs.setdefault("batch_size", 32)
+        super().__init__(tasks=list(DEFAULT_TASKS) if tasks is None else tasks, **kwargs)
         self.root = root
         self.buildings = {
             "train": list(train_buildings),
