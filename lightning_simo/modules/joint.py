@@ -33,8 +33,6 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from lightning_simo.models.encoders import EncoderConfig
-from lightning_simo.models.heads import HeadConfig
 from lightning_simo.modules.simo import SIMOModule
 from lightning_simo.weighting import GradNorm, Weighting, build_weighting
 
@@ -61,54 +59,26 @@ class JointMTLModule(SIMOModule):
     taken when fine-tuning starts. ``gradnorm`` with ``freeze_encoder`` is refused.
 
     Args:
-        tasks, num_classes, encoder, head, normal_loss, lr, head_lr, weight_decay,
-        warmup_fraction, schedule, freeze_encoder, probe_epochs, init_from, reference_metrics,
-        metrics_file: as for :class:`SIMOModule`.
+        tasks: the tasks trained jointly (linked from the datamodule).
         weighting: ``equal`` | ``uncertainty`` | ``gradnorm`` | ``dwa``.
         weighting_options: keyword arguments of the strategy (e.g. ``{alpha: 1.5}`` for GradNorm,
             ``{form: libmtl}`` for uncertainty, ``{temperature: 2.0}`` for DWA).
         grad_clip: clip the global gradient norm of the model to this value (``null``: no
             clipping). Do not also set ``trainer.gradient_clip_val``.
+        **kwargs: every other :class:`SIMOModule` argument (encoder, head, learning rates,
+            schedule, linear probe, reference metrics, ...).
     """
 
     def __init__(
         self,
         tasks: list[str],
-        num_classes: dict[str, int] | None = None,
-        encoder: EncoderConfig | None = None,
-        head: HeadConfig | None = None,
-        normal_loss: str = "cosine",
-        lr: float = 1e-4,
-        head_lr: float | None = None,
-        weight_decay: float = 1e-4,
-        warmup_fraction: float = 0.05,
-        schedule: str = "onecycle",
-        freeze_encoder: bool = False,
-        probe_epochs: int = 0,
-        init_from: str | None = None,
-        reference_metrics: list[str] | None = None,
-        metrics_file: str | None = None,
         weighting: str = "equal",
         weighting_options: dict[str, Any] | None = None,
         grad_clip: float | None = 25.0,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(
-            tasks=tasks,
-            num_classes=num_classes,
-            encoder=encoder,
-            head=head,
-            normal_loss=normal_loss,
-            lr=lr,
-            head_lr=head_lr,
-            weight_decay=weight_decay,
-            warmup_fraction=warmup_fraction,
-            schedule=schedule,
-            freeze_encoder=freeze_encoder,
-            probe_epochs=probe_epochs,
-            init_from=init_from,
-            reference_metrics=reference_metrics,
-            metrics_file=metrics_file,
-        )
+        super().__init__(tasks=tasks, **kwargs)
+        freeze_encoder = bool(kwargs.get("freeze_encoder", False))
         if grad_clip is not None and grad_clip <= 0:
             raise ValueError(f"grad_clip must be positive or null, got {grad_clip}.")
         self.weighting: Weighting = _build(weighting, self.task_specs, weighting_options or {})

@@ -40,8 +40,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from lightning_simo.models.encoders import EncoderConfig, EncoderOutput
-from lightning_simo.models.heads import HeadConfig
+from lightning_simo.models.encoders import EncoderOutput
 from lightning_simo.modules.simo import SIMOModule
 
 __all__ = [
@@ -310,10 +309,7 @@ class TintingModule(SIMOModule):
     (``init_from`` / ``load_net_weights``) gets the re-aligned model.
 
     Args:
-        tasks, num_classes, encoder, head, normal_loss, reference_metrics, metrics_file,
-            init_from: see :class:`SIMOModule`. ``lr``, ``head_lr``, ``weight_decay``,
-            ``warmup_fraction``, ``schedule``, ``freeze_encoder`` and ``probe_epochs`` are
-            accepted for config compatibility and unused: tinting has its own optimiser.
+        tasks: the merged tasks (linked from the datamodule).
         tint_layer: the module inside each head that is tinted (``out``: the final 1x1 conv of
             every head of this project; any submodule name works).
         coefficient_init: initial value of every merge coefficient λ (0.3 in the reference).
@@ -321,30 +317,20 @@ class TintingModule(SIMOModule):
         lr_tinted: Adam learning rate of the tinted layers.
         cache_teachers: compute the teachers' targets once per training sample (needs
             un-augmented training data; checked).
+        **kwargs: the other :class:`SIMOModule` arguments (encoder, head, reference metrics,
+            ...); its optimiser settings (``lr``, ``schedule``, ``probe_epochs`` ...) are
+            accepted and unused: tinting has its own optimiser.
     """
 
     def __init__(
         self,
         tasks: list[str],
-        num_classes: dict[str, int] | None = None,
-        encoder: EncoderConfig | None = None,
-        head: HeadConfig | None = None,
-        normal_loss: str = "cosine",
-        lr: float = 1e-4,
-        head_lr: float | None = None,
-        weight_decay: float = 1e-4,
-        warmup_fraction: float = 0.05,
-        schedule: str = "onecycle",
-        freeze_encoder: bool = False,
-        probe_epochs: int = 0,
-        init_from: str | None = None,
-        reference_metrics: list[str] | None = None,
-        metrics_file: str | None = None,
         tint_layer: str = "out",
         coefficient_init: float = 0.3,
         lr_coefficients: float = 1e-2,
         lr_tinted: float = 1e-2,
         cache_teachers: bool = True,
+        **kwargs: Any,
     ) -> None:
         if not 0.0 <= coefficient_init <= 1.0:
             raise ValueError(f"coefficient_init must lie in [0, 1], got {coefficient_init}.")
@@ -352,23 +338,7 @@ class TintingModule(SIMOModule):
             raise ValueError(
                 f"lr_coefficients and lr_tinted must be > 0, got {lr_coefficients}, {lr_tinted}."
             )
-        super().__init__(
-            tasks=tasks,
-            num_classes=num_classes,
-            encoder=encoder,
-            head=head,
-            normal_loss=normal_loss,
-            lr=lr,
-            head_lr=head_lr,
-            weight_decay=weight_decay,
-            warmup_fraction=warmup_fraction,
-            schedule=schedule,
-            freeze_encoder=freeze_encoder,
-            probe_epochs=probe_epochs,
-            init_from=init_from,
-            reference_metrics=reference_metrics,
-            metrics_file=metrics_file,
-        )
+        super().__init__(tasks=tasks, **kwargs)
         self.automatic_optimization = False
         self.tint_layer = tint_layer
         self.coefficient_init = coefficient_init
