@@ -121,6 +121,26 @@ def _yaml(value: Any) -> str:
     return json.dumps(value)
 
 
+def _trained(
+    name: str,
+    folder: Path,
+    args: list[str],
+    epochs: int,
+    checkpoint: str,
+    row: dict[str, Any],
+    requires: str | None = None,
+) -> Stage:
+    """A stage that fits for ``epochs`` and then tests its ``checkpoint`` (best / last)."""
+    return Stage(
+        name,
+        folder,
+        [*args, f"--trainer.max_epochs={epochs}"],
+        [*args, f"--ckpt_path={folder / 'checkpoints' / checkpoint}"],
+        row,
+        requires=requires,
+    )
+
+
 def plan_stages(s: StudySettings, seed: int) -> list[Stage]:
     """Every stage of one seed, in dependency order."""
     root = Path(s.out) / f"seed_{seed}"
@@ -157,11 +177,12 @@ def plan_stages(s: StudySettings, seed: int) -> list[Stage]:
             f"--trainer.default_root_dir={folder}",
         ]
         stages.append(
-            Stage(
+            _trained(
                 f"single_task/{task}",
                 folder,
-                [*args, f"--trainer.max_epochs={s.single_task_epochs}"],
-                [*args, f"--ckpt_path={folder / 'checkpoints' / 'best.ckpt'}"],
+                args,
+                s.single_task_epochs,
+                "best.ckpt",
                 {"method": f"single-task ({task})", "group": "single-task", "task": task},
             )
         )
@@ -220,11 +241,12 @@ def plan_stages(s: StudySettings, seed: int) -> list[Stage]:
             if mode == "tinting" and method != s.realign_methods[0]:
                 continue
             stages.append(
-                Stage(
+                _trained(
                     f"merge/{method}-{mode}",
                     folder,
-                    [*args, f"--trainer.max_epochs={s.realign_epochs}"],
-                    [*args, f"--ckpt_path={folder / 'checkpoints' / 'last.ckpt'}"],
+                    args,
+                    s.realign_epochs,
+                    "last.ckpt",
                     {
                         "method": f"{method} + {mode} re-align",
                         "group": f"realign-{mode}",
@@ -242,11 +264,12 @@ def plan_stages(s: StudySettings, seed: int) -> list[Stage]:
                 f"--data.train_budget={budget}",
             ]
             stages.append(
-                Stage(
+                _trained(
                     f"budget/{budget:g}",
                     folder,
-                    [*args, f"--trainer.max_epochs={s.realign_epochs}"],
-                    [*args, f"--ckpt_path={folder / 'checkpoints' / 'last.ckpt'}"],
+                    args,
+                    s.realign_epochs,
+                    "last.ckpt",
                     {
                         "method": f"{method} + heads ({budget:.0%} labels)",
                         "group": "budget",
@@ -269,11 +292,12 @@ def plan_stages(s: StudySettings, seed: int) -> list[Stage]:
             f"--trainer.default_root_dir={folder}",
         ]
         stages.append(
-            Stage(
+            _trained(
                 f"mtl/{weighting}",
                 folder,
-                [*args, f"--trainer.max_epochs={s.mtl_epochs}"],
-                [*args, f"--ckpt_path={folder / 'checkpoints' / 'best.ckpt'}"],
+                args,
+                s.mtl_epochs,
+                "best.ckpt",
                 {"method": f"joint MTL ({weighting})", "group": "mtl", "labelled": True},
                 requires=cfg["mtl"],
             )
