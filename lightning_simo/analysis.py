@@ -27,15 +27,17 @@ import torch
 from matplotlib.figure import Figure
 from torch import Tensor, nn
 
-from lightning_simo.checkpoints import encoder_state_dict, head_state_dicts, load_state_dict
+from lightning_simo.checkpoints import encoder_state_dict
 from lightning_simo.data.base import SPLITS, DenseDataModule
 from lightning_simo.evaluation import evaluate_net, normalized_performance
 from lightning_simo.io import atomic_write, atomic_write_text, ensure_writable_dir
+from lightning_simo.merging.sources import check_encoders, load_sources, sources_from_states
 from lightning_simo.merging.task_vectors import (
-    check_compatible,
+    apply_task_vector,
     cosine_similarity_matrix,
     is_bn_running_stat,
     norms,
+    task_vector,
     task_vectors,
 )
 
@@ -84,24 +86,20 @@ DEFAULT_LAMBDAS: tuple[float, ...] = tuple(lambda_grid())
 def add_task_vector(theta0: StateDict, finetuned: StateDict, lam: float) -> dict[str, Tensor]:
     """θ0 + λ·(θ_t − θ0) for every floating-point tensor, in θ0's dtypes.
 
-    Computed as ``(1 − λ)·θ0 + λ·θ_t`` (in float64, cast back once), the same point written so
-    that both anchors are exact: λ = 0 gives θ0 and λ = 1 gives θ_t bit for bit. The literal
-    form is not: ``θ0 + (θ_t − θ0)`` rounds the difference, which puts θ_t one or more ulps off
-    whenever the two weights differ much in magnitude (even in float64, once they differ by
-    more than about 2**29), and the sweep's λ = 1 point must be the fine-tuned model itself.
-    Integer buffers (step counters) are θ0's; BatchNorm running variances are clamped at 0,
-    since extrapolating (λ > 1) can push them negative.
+    The core's :func:`~lightning_simo.merging.task_vectors.apply_task_vector` on a float64 task
+    vector (:func:`wide_task_vector`), so that both anchors of the sweep are the models
+    themselves: λ = 0 gives θ0 and λ = 1 gives θ_t bit for bit whenever each weight and its
+    fine-tuned value are within a factor 2**29 of each other (float32 weights, float64
+    arithmetic). Integer buffers (step counters) are θ0's; BatchNorm running variances are
+    clamped at 0, since extrapolating (λ > 1) can push them negative.
     """
-    out: dict[str, Tensor] = {}
-    for key, base in theta0.items():
-        if not base.is_floating_point():
-            out[key] = base
-            continue
-        value = (1.0 - lam) * base.to(torch.float64) + lam * finetuned[key].to(torch.float64)
-        if key.endswith("running_var"):
-            value = value.clamp_min(0.0)
-        out[key] = value.to(base.dtype)
-    return out
+    return apply_task_vector(theta0, wide_task_vector(theta0, finetuned), lam)
+
+
+def wide_task_vector(theta0: StateDict, finetuned: StateDict) -> dict[str, Tensor]:
+    """θ_t − θ0 in float64 (exact for float32 / bf16 weights within a factor 2**29)."""
+    wide = {k: v.double() if v.is_floating_point() else v for k, v in theta0.items()}
+    return task_vector(wide, finetuned)
 
 
 @contextlib.contextmanager
@@ -114,50 +112,10 @@ def _restored(net: nn.Module) -> Iterator[None]:
         net.load_state_dict(saved)
 
 
-def _encoders(
-    theta0: StateDict, finetuned: Mapping[str, StateDict]
-) -> tuple[dict[str, Tensor], dict[str, dict[str, Tensor]]]:
-    """Encoder weights keyed alike (``backbone.*``), checked to come from the same backbone."""
-    base = encoder_state_dict(theta0)
-    encoders = {t: encoder_state_dict(s) for t, s in finetuned.items()}
-    check_compatible(
-        base,
-        list(encoders.values()),
-        names=[f"{t} checkpoint" for t in encoders],
-        reference_name="pretrained encoder",
-    )
-    return base, encoders
-
-
-def _attach_heads(net: nn.Module, finetuned: Mapping[str, StateDict]) -> None:
-    """Load each task's head from its own single-task checkpoint."""
-    for task, state in finetuned.items():
-        heads = head_state_dicts(state)
-        if task not in heads:
-            raise ValueError(
-                f"The {task!r} checkpoint has no head for {task!r} (heads found: "
-                f"{', '.join(sorted(heads)) or 'none'}); pass the single-task checkpoint's full "
-                "state dict."
-            )
-        try:
-            net.heads[task].load_state_dict(heads[task])
-        except RuntimeError as err:
-            raise ValueError(
-                f"The {task!r} head of its checkpoint does not fit the model's head (different "
-                f"class count or head kind): {str(err).splitlines()[-1].strip()}"
-            ) from None
-
-
 def _load_encoder(net: nn.Module, state: StateDict) -> None:
     unexpected = net.encoder.load_state_dict(state, strict=False).unexpected_keys
     if unexpected:
         raise ValueError(f"Encoder weights do not fit the model's encoder: {unexpected[:5]}.")
-
-
-def _check_tasks(tasks: Mapping[str, Task], finetuned: Mapping[str, StateDict]) -> None:
-    missing = [t for t in tasks if t not in finetuned]
-    if missing:
-        raise ValueError(f"No fine-tuned state given for task(s) {missing}.")
 
 
 def single_task_baseline(
@@ -175,14 +133,13 @@ def single_task_baseline(
     objects as the sweep, so the sweep at λ = 1 for a task's own vector reproduces it exactly.
     ``net``'s weights are restored afterwards.
     """
-    _check_tasks(tasks, finetuned)
-    encoders = {t: encoder_state_dict(finetuned[t]) for t in tasks}
+    sources = sources_from_states(list(tasks), net.encoder.state_dict(), finetuned)
     baseline: dict[str, float] = {}
     net.to(device)
     with _restored(net):
-        _attach_heads(net, {t: finetuned[t] for t in tasks})
+        sources.attach_heads(net)
         for task, spec in tasks.items():
-            _load_encoder(net, encoders[task])
+            _load_encoder(net, sources.encoders[task])
             baseline.update(evaluate_net(net, loader, {task: spec}, device, max_batches))
             if on_step is not None:
                 on_step(f"baseline {task}")
@@ -223,17 +180,17 @@ def lambda_sweep(
         ``task``, ``metric`` (the primary metric's name), ``value`` and ``normalized`` (1 means
         as good as the single-task model, larger is better). ``net``'s weights are restored.
     """
-    _check_tasks(tasks, finetuned)
-    base, encoders = _encoders(theta0, finetuned)
+    sources = sources_from_states(list(tasks), theta0, finetuned)
     if baseline is None:
         baseline = single_task_baseline(net, finetuned, loader, tasks, device, max_batches)
     rows: list[dict[str, Any]] = []
     net.to(device)
     with _restored(net):
-        _attach_heads(net, {t: finetuned[t] for t in tasks})
+        sources.attach_heads(net)
         for source in tasks:
+            tau = wide_task_vector(sources.theta0, sources.encoders[source])
             for lam in lambdas:
-                _load_encoder(net, add_task_vector(base, encoders[source], float(lam)))
+                _load_encoder(net, apply_task_vector(sources.theta0, tau, float(lam)))
                 values = evaluate_net(net, loader, tasks, device, max_batches)
                 for task, spec in tasks.items():
                     key = f"{task}/{spec.primary}"
@@ -263,11 +220,13 @@ def task_vector_similarity(
     (both float64). BatchNorm running statistics are left out: they are estimated, not learned,
     and their scale would swamp the weights'.
     """
-    base, encoders = _encoders(theta0, finetuned)
-    names = list(encoders)
+    base = encoder_state_dict(theta0)
+    names = list(finetuned)
+    encoders = [encoder_state_dict(finetuned[t]) for t in names]
+    check_encoders(base, {f"the {t!r} checkpoint": e for t, e in zip(names, encoders)})
     vectors = [
         {k: v for k, v in vector.items() if not is_bn_running_stat(k)}
-        for vector in task_vectors(base, [encoders[t] for t in names])
+        for vector in task_vectors(base, encoders)
     ]
     return names, cosine_similarity_matrix(vectors), norms(vectors)
 
@@ -395,19 +354,13 @@ def inputs_from_config(config: str | Path, overrides: Sequence[str] = ()) -> Ana
             f"{config}: analyze needs merge.checkpoints ({{task: path}}), the single-task "
             "checkpoints whose task vectors it studies; use the merge config."
         )
-    missing = [t for t in tasks if t not in merge.checkpoints]
-    if missing:
-        raise ValueError(f"{config}: merge.checkpoints has no checkpoint for task(s) {missing}.")
-    theta0 = (
-        encoder_state_dict(load_state_dict(merge.pretrained))
-        if merge.pretrained
-        else {k: v.detach().clone() for k, v in net.encoder.state_dict().items()}
-    )
+    own = {k: v.detach().clone() for k, v in net.encoder.state_dict().items()}
+    sources = load_sources(merge.checkpoints, list(tasks), merge.pretrained or own)
     return AnalysisInputs(
         net=net,
         tasks=dict(tasks),
-        theta0=theta0,
-        finetuned={t: load_state_dict(merge.checkpoints[t]) for t in tasks},
+        theta0=sources.theta0,
+        finetuned=sources.states,
         datamodule=cli.datamodule,
         device=trainer.strategy.root_device,
         root_dir=Path(trainer.default_root_dir),

@@ -18,6 +18,7 @@ from lightning_simo.checkpoints import encoder_state_dict, load_state_dict
 from lightning_simo.cli import main as cli_main
 from lightning_simo.data.synthetic import SyntheticDataModule
 from lightning_simo.evaluation import evaluate_net
+from lightning_simo.merging.sources import sources_from_states
 from lightning_simo.modules.simo import SIMOModule
 
 TASKS = ["segmentation", "depth", "normals"]
@@ -105,13 +106,16 @@ def test_lambda_grid_default_holds_exact_anchor_points() -> None:
         A.lambda_grid(4, float("nan"))
 
 
-def test_add_task_vector_is_exact_where_float32_is_not() -> None:
+def test_add_task_vector_is_exact_at_both_anchors() -> None:
     gen = torch.Generator().manual_seed(0)
+    # weights spread over eight decades, each fine-tuned within a factor 4 of itself
     a = torch.randn(4096, generator=gen) * 10.0 ** torch.randint(-6, 3, (4096,), generator=gen)
-    b = torch.randn(4096, generator=gen) * 10.0 ** torch.randint(-6, 3, (4096,), generator=gen)
-    for dtype in (torch.float32, torch.float64):  # the literal θ0 + (θ_t − θ0) is not exact
-        wide_a, wide_b = a.to(dtype), b.to(dtype)
-        assert not torch.equal((wide_a + (wide_b - wide_a)).float(), b)
+    b = (
+        a
+        * (0.25 + 3.75 * torch.rand(4096, generator=gen))
+        * torch.randn(4096, generator=gen).sign()
+    )
+    assert not torch.equal(a + (b - a), b)  # float32 arithmetic would not be exact
     theta0 = {"w": a, "step": torch.tensor(3)}
     theta_t = {"w": b, "step": torch.tensor(9)}
     assert torch.equal(A.add_task_vector(theta0, theta_t, 1.0)["w"], b)
@@ -143,7 +147,7 @@ def test_sweep_at_lambda_zero_is_theta0_with_finetuned_heads(sweep: dict) -> Non
     model, rows = sweep["model"], sweep["rows"]
     net = model.net
     net.encoder.load_state_dict(sweep["theta0"])
-    A._attach_heads(net, sweep["finetuned"])
+    sources_from_states(list(TASKS), sweep["theta0"], sweep["finetuned"]).attach_heads(net)
     expected = evaluate_net(net, sweep["loader"], model.task_specs)
     net.load_state_dict(sweep["before"])
     for task, spec in model.task_specs.items():

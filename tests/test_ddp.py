@@ -157,7 +157,7 @@ class _Probe(L.Callback):
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         cache = getattr(pl_module, "feature_source", None)
         if trainer.current_epoch == 0 and isinstance(cache, FeatureCache):
-            self.first_epoch_keys = sorted(cache._store)
+            self.first_epoch_keys = cache.cache.indices()
 
 
 def _cpu_state(module: torch.nn.Module) -> dict[str, Tensor]:
@@ -168,11 +168,11 @@ def _cache_report(module: SIMOModule, dm: SyntheticDataModule) -> dict[str, Any]
     cache = module.feature_source
     if not isinstance(cache, FeatureCache):
         return None
-    keys = sorted(cache._store)
+    keys = cache.cache.indices()
     sample = dm.datasets["train"][keys[0]]
     with torch.no_grad():
         fresh = cache.encoder(sample["image"][None])
-    stored = cache._store[keys[0]][0]
+    stored = cache.cache.entry(keys[0])[: len(fresh.features)]
     error = max(float((a - b[0]).abs().max()) for a, b in zip(stored, fresh.features))
     return {
         "keys": keys,

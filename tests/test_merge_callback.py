@@ -333,10 +333,10 @@ def test_feature_cache_serves_encoder_features_and_refuses_changed_images(
 
     flipped = images.clone()
     flipped[2] = flipped[2].flip(-1)  # same pixel sum, other image
-    with pytest.raises(RuntimeError, match=r"sample 2 .*augment: false.*cache_features: false"):
+    with pytest.raises(ValueError, match=r"sample 2 .*augment: false.*cache_features: false"):
         cache({"image": flipped, "index": torch.arange(4)})
     cropped = torch.nn.functional.interpolate(images, size=(24, 40))
-    with pytest.raises(RuntimeError, match="sample 0"):
+    with pytest.raises(ValueError, match="sample 0"):
         cache({"image": cropped, "index": torch.arange(4)})
 
 

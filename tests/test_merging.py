@@ -481,4 +481,5 @@ def test_register_custom_method() -> None:
             register_merge_method("_test_first", first_model)
         register_merge_method("_test_first", first_model, replace=True)
     finally:
-        MERGE_METHODS.pop("_test_first", None)
+        if "_test_first" in MERGE_METHODS:
+            MERGE_METHODS.unregister("_test_first")

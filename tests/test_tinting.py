@@ -29,9 +29,9 @@ from lightning_simo.checkpoints import encoder_state_dict, load_state_dict
 from lightning_simo.cli import main
 from lightning_simo.data.synthetic import SyntheticDataModule
 from lightning_simo.evaluation import evaluate_net
+from lightning_simo.merging.cache import SampleCache
 from lightning_simo.modules.simo import SIMOModule
 from lightning_simo.modules.tinting import (
-    TeacherCache,
     TintingModule,
     confidence_filter,
     task_order,
@@ -440,16 +440,16 @@ def test_teacher_cache_serves_later_epochs(fitted: tuple[TintingModule, L.Traine
 def test_teacher_cache_refuses_changed_images() -> None:
     calls = []
 
-    def compute(images: Tensor) -> dict[str, tuple[Tensor, ...]]:
+    def compute(images: Tensor) -> list[Tensor]:
         calls.append(images.shape[0])
-        return {"depth": (images.mean(dim=1, keepdim=True),)}
+        return [images.mean(dim=1, keepdim=True)]
 
-    cache = TeacherCache()
+    cache = SampleCache("teacher targets", "`cache_teachers: false`", "cpu")
     images = torch.rand(2, 3, 8, 10)
     first = cache.get(torch.tensor([0, 1]), images, compute)
     again = cache.get(torch.tensor([1, 0]), images.flip(0), compute)
     assert calls == [2]
-    torch.testing.assert_close(again["depth"][0], first["depth"][0].flip(0))
+    torch.testing.assert_close(again[0], first[0].flip(0))
     with pytest.raises(ValueError, match="training sample 1 is not the image"):
         cache.get(torch.tensor([0, 1]), torch.stack([images[0], images[1].flip(-1)]), compute)
 

@@ -18,22 +18,26 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
-from lightning_simo.callbacks.realign import REALIGN_MODES, FeatureCache, apply_realign_mode
-from lightning_simo.checkpoints import (
-    encoder_state_dict,
-    file_sha256,
-    head_state_dicts,
-    load_state_dict,
-)
+from lightning_simo.callbacks.realign import REALIGN_MODES, RealignSettings
 from lightning_simo.evaluation import evaluate_net, mean_normalized_performance
-from lightning_simo.merging import check_compatible, merge
-from lightning_simo.modules.tinting import TINT_MODES, TintingModule
+from lightning_simo.merging import (
+    BN_STATS_POLICIES,
+    MERGE_METHODS,
+    apply_task_vector,
+    merge,
+    task_vector,
+)
+from lightning_simo.merging.search import (
+    SearchCache,
+    default_cache_path,
+    search_key,
+    search_scaling,
+)
+from lightning_simo.merging.sources import Sources, load_sources
 
-__all__ = ["BN_POLICIES", "DEFAULT_ALPHA_GRID", "MergeCallback"]
+__all__ = ["DEFAULT_ALPHA_GRID", "MergeCallback"]
 
 DEFAULT_ALPHA_GRID = tuple(round(0.1 * i, 1) for i in range(11))
-BN_POLICIES = ("merge", "pretrained", "reestimate")
-_SCALED_METHODS = ("task_arithmetic", "ties", "dare")
 
 
 class MergeCallback(L.Callback):
@@ -61,6 +65,10 @@ class MergeCallback(L.Callback):
         pretrained: θ0 from this checkpoint instead of the module's own encoder weights.
         search_split: split used to choose α (never the test split).
         search_batches: evaluate α on at most this many batches.
+        search_cache: keep the search's scores in ``<default_root_dir>/alpha_search.json``
+            (``true``), in this file (a path), or nowhere (``false``). Entries are keyed by the
+            sources' content hashes, the method and its options, the grid point and what the
+            score was measured on, so a repeated search is a lookup.
     """
 
     def __init__(
@@ -79,6 +87,7 @@ class MergeCallback(L.Callback):
         pretrained: str | None = None,
         search_split: str = "val",
         search_batches: int | None = None,
+        search_cache: bool | str = True,
     ) -> None:
         if isinstance(scaling, str) and scaling != "search":
             raise ValueError(f"scaling must be a number or 'search', got {scaling!r}.")
@@ -87,10 +96,9 @@ class MergeCallback(L.Callback):
         grid = tuple(float(a) for a in (search_grid or DEFAULT_ALPHA_GRID))
         if any(not math.isfinite(a) or a < 0 for a in grid):
             raise ValueError(f"Every α in search_grid must be a finite number >= 0, got {grid}.")
-        if bn_stats not in BN_POLICIES:
-            raise ValueError(f"bn_stats must be one of {BN_POLICIES}, got {bn_stats!r}.")
-        if realign not in REALIGN_MODES:
-            raise ValueError(f"realign must be one of {REALIGN_MODES}, got {realign!r}.")
+        if bn_stats not in BN_STATS_POLICIES:
+            raise ValueError(f"bn_stats must be one of {BN_STATS_POLICIES}, got {bn_stats!r}.")
+        self.mode = REALIGN_MODES.get(realign)
         if search_split == "test":
             raise ValueError("Choosing α on the test split leaks test data; use 'val'.")
         self.checkpoints = dict(checkpoints or {})
@@ -107,6 +115,7 @@ class MergeCallback(L.Callback):
         self.pretrained = pretrained
         self.search_split = search_split
         self.search_batches = search_batches
+        self.search_cache = search_cache
         self.alpha: float | None = None
         self.search_scores: dict[float, float] = {}
         self.baseline: dict[str, float] = {}
@@ -162,103 +171,61 @@ class MergeCallback(L.Callback):
         tasks = getattr(pl_module, "task_specs", None)
         if net is None or tasks is None:
             raise ValueError("MergeCallback works with SIMOModule (a module with `net` and tasks).")
-        if self.realign in TINT_MODES and not isinstance(pl_module, TintingModule):
-            raise ValueError(
-                f"realign: {self.realign} needs model class "
-                "lightning_simo.modules.tinting.TintingModule"
-            )
-        missing = [t for t in tasks if t not in self.checkpoints]
-        if missing:
-            raise ValueError(
-                f"No checkpoint given for task(s) {missing}; add them to "
-                "MergeCallback's `checkpoints` ({task: path})."
-            )
+        self.mode.check_module(self.realign, pl_module)
         encoder = net.encoder
         own = {k: v.detach().clone() for k, v in encoder.state_dict().items()}
-        theta0 = encoder_state_dict(load_state_dict(self.pretrained)) if self.pretrained else own
-        finetuned: list[dict[str, Tensor]] = []
-        for task in tasks:
-            path = self.checkpoints[task]
-            state = load_state_dict(path)
-            heads = head_state_dicts(state)
-            if task not in heads:
-                raise ValueError(
-                    f"Checkpoint {path!r} given for task {task!r} has no head for it "
-                    f"(heads found: {', '.join(sorted(heads)) or 'none'})."
-                )
-            weights, name = encoder_state_dict(state), f"{task} checkpoint {path!r}"
-            # encoder first: another backbone also changes the head's shapes, but is the cause
-            try:
-                check_compatible(
-                    theta0, [weights], names=[name], reference_name="pretrained encoder"
-                )
-            except ValueError as err:
-                raise ValueError(
-                    f"{err}. Merge only checkpoints fine-tuned from this model's encoder (same "
-                    "encoder settings: name, model_kwargs)."
-                ) from None
-            try:
-                net.heads[task].load_state_dict(heads[task])
-            except RuntimeError as err:
-                raise ValueError(
-                    f"The {task!r} head in {path!r} does not fit this model's head (different "
-                    f"class count or head kind): {str(err).splitlines()[1].strip()}"
-                ) from None
-            finetuned.append(weights)
-            self.sources[task] = {"path": str(path), "sha256": file_sha256(path)}
+        sources = load_sources(self.checkpoints, list(tasks), self.pretrained or own)
+        sources.attach_heads(net)
+        self.sources = {
+            t: {"path": sources.paths[t], "sha256": sources.hashes[t]} for t in sources.tasks
+        }
 
         # weights (and α) will come from a checkpoint: skip the search. The CLI sets
         # `restoring` when --ckpt_path is given, since Lightning knows the path only after setup.
         resuming = self.restoring or getattr(trainer, "ckpt_path", None) is not None
-        direction = self._merge_direction(theta0, finetuned)
-        if self.method not in _SCALED_METHODS:
+        scaled = "scaling" in MERGE_METHODS.get(self.method).normalise(self.method_options)
+        direction = self._merge_direction(sources.theta0, sources.finetuned, scaled)
+        if not scaled:
             alpha = None
         elif self.scaling == "search" and not resuming:
-            alpha = self._search(trainer, pl_module, theta0, direction, finetuned)
-        elif self.scaling == "search":
-            alpha = (
-                self.alpha if self.alpha is not None else 1.0
-            )  # weights come from the checkpoint
+            alpha = self._search(trainer, pl_module, sources, direction)
+        elif self.scaling == "search":  # weights come from the checkpoint
+            alpha = self.alpha if self.alpha is not None else 1.0
         else:
             alpha = float(self.scaling)
         self.alpha = alpha
-        encoder.load_state_dict(
-            _apply(theta0, direction, 1.0 if alpha is None else alpha), strict=False
-        )
+        merged = apply_task_vector(sources.theta0, direction, 1.0 if alpha is None else alpha)
+        encoder.load_state_dict(merged, strict=False)
         if self.bn_stats == "reestimate":
             self._reestimate_bn(trainer, pl_module)
-        apply_realign_mode(net, self.realign, self.adapter_rank, self.adapter_form)
-        if self.realign in TINT_MODES:
-            tuned_heads = {t: net.heads[t].state_dict() for t in tasks}
-            pl_module.configure_tinting(theta0, finetuned, tuned_heads, self.realign)
-        if self.realign == "heads" and self.cache_features:
-            pl_module.feature_source = FeatureCache(encoder)
+        settings = RealignSettings(self.adapter_rank, self.adapter_form, self.cache_features)
+        self.mode.prepare(net, settings)
+        if self.mode.configure is not None:
+            self.mode.configure(pl_module, sources, settings)
         self._merged = True
         self._report(trainer, pl_module)
 
     def _merge_direction(
-        self, theta0: Mapping[str, Tensor], finetuned: Sequence[Mapping[str, Tensor]]
+        self,
+        theta0: Mapping[str, Tensor],
+        finetuned: Sequence[Mapping[str, Tensor]],
+        scaled: bool,
     ) -> dict[str, Tensor]:
-        """θ(1) - θ0: every supported method is linear in α, so one merge serves the search."""
+        """θ(1) - θ0 of the method. A method with a ``scaling`` option is linear in it (θ0 +
+        α·τ_merged), so one merge at α = 1 serves the whole search."""
         options = dict(self.method_options)
-        if self.method in _SCALED_METHODS:
+        if scaled:
             options["scaling"] = 1.0
         bn = "pretrained" if self.bn_stats == "reestimate" else self.bn_stats
-        merged = merge(theta0, finetuned, self.method, bn_stats=bn, **options)
-        return {
-            k: (merged[k].float() - theta0[k].float())
-            if theta0[k].is_floating_point()
-            else merged[k]
-            for k in merged
-        }
+        merged = merge(theta0, finetuned, self.method, bn_stats=bn, progress=True, **options)
+        return task_vector(theta0, merged)
 
     def _search(
         self,
         trainer: L.Trainer,
         pl_module: L.LightningModule,
-        theta0: Mapping[str, Tensor],
+        sources: Sources,
         direction: Mapping[str, Tensor],
-        finetuned: Sequence[Mapping[str, Tensor]],
     ) -> float:
         dm = trainer.datamodule
         if dm is None or not hasattr(dm, "loader"):
@@ -267,21 +234,47 @@ class MergeCallback(L.Callback):
         pl_module.to(device)
         net, tasks = pl_module.net, pl_module.task_specs
         loader = dm.loader(self.search_split)
-        if not self.baseline:
-            for task, weights in zip(tasks, finetuned, strict=True):
-                net.encoder.load_state_dict(weights, strict=False)
-                values = evaluate_net(net, loader, {task: tasks[task]}, device, self.search_batches)
-                self.baseline.update(values)
-        for alpha in self.search_grid:
-            net.encoder.load_state_dict(_apply(theta0, direction, alpha), strict=False)
+        context = {
+            "sources": sources.identity,
+            "method": self.method,
+            "method_options": self.method_options,
+            "bn_stats": self.bn_stats,
+            "split": self.search_split,
+            "batches": self.search_batches,
+            "data": _describe(dm),
+        }
+        cache = None
+        if self.search_cache:
+            path = (
+                default_cache_path(trainer.default_root_dir)
+                if self.search_cache is True
+                else self.search_cache
+            )
+            cache = SearchCache(path) if trainer.is_global_zero else SearchCache()
+        key = search_key(**context)
+
+        def score(alpha: float) -> float:
+            if not self.baseline:
+                for task, weights in zip(tasks, sources.finetuned, strict=True):
+                    net.encoder.load_state_dict(weights, strict=False)
+                    one = {task: tasks[task]}
+                    self.baseline.update(
+                        evaluate_net(net, loader, one, device, self.search_batches)
+                    )
+            merged = apply_task_vector(sources.theta0, direction, alpha)
+            net.encoder.load_state_dict(merged, strict=False)
             values = evaluate_net(net, loader, tasks, device, self.search_batches)
-            self.search_scores[alpha] = mean_normalized_performance(values, self.baseline, tasks)
-        best = max(self.search_grid, key=lambda a: (self.search_scores[a], -a))
+            return mean_normalized_performance(values, self.baseline, tasks)
+
+        result = search_scaling(score, self.search_grid, cache=cache, key=key, context=context)
+        self.search_scores = dict(result.scores)
         # every rank searched the same data deterministically; rank 0's choice is authoritative
-        best = float(trainer.strategy.broadcast(best, src=0))
+        best = float(trainer.strategy.broadcast(result.best, src=0))
         table = ", ".join(f"{a:g}: {s:.4f}" for a, s in self.search_scores.items())
+        reused = f" ({len(result.cached)} from the cache)" if result.cached else ""
         rank_zero_info(
-            f"[merge] {self.method} α search on {self.search_split} -> {table}; best α = {best:g}"
+            f"[merge] {self.method} α search on {self.search_split} -> {table}{reused}; "
+            f"best α = {best:g}"
         )
         return best
 
@@ -324,20 +317,22 @@ class MergeCallback(L.Callback):
 
     # ------------------------------------------------------------------ runtime
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self.realign in ("heads", "adapters", "none"):
+        if not self.mode.trains_encoder:
             # a frozen encoder must not update BatchNorm statistics or use dropout
             pl_module.net.encoder.eval()
 
 
-def _apply(
-    theta0: Mapping[str, Tensor], direction: Mapping[str, Tensor], alpha: float
-) -> dict[str, Tensor]:
-    out = {}
-    for key, base in theta0.items():
-        if key not in direction:
-            out[key] = base
-        elif base.is_floating_point():
-            out[key] = (base.float() + alpha * direction[key]).to(base.dtype)
-        else:
-            out[key] = direction[key]
-    return out
+def _plain(value: Any) -> bool:
+    if isinstance(value, (list, tuple)):
+        return all(_plain(v) for v in value)
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and _plain(v) for k, v in value.items())
+    return value is None or isinstance(value, (bool, int, float, str))
+
+
+def _describe(datamodule: Any) -> dict[str, Any]:
+    """The datamodule's class and plain public settings (sizes, seeds, roots, tasks): what the
+    search cache keys the data by. Files that change on disk under the same settings are not
+    seen; pass ``search_cache: false`` when editing a dataset in place."""
+    settings = {k: v for k, v in vars(datamodule).items() if not k.startswith("_") and _plain(v)}
+    return {"class": f"{type(datamodule).__module__}.{type(datamodule).__qualname__}", **settings}

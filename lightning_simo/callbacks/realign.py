@@ -1,174 +1,190 @@
-"""What each re-alignment mode trains, decided once, before DDP wraps the model.
+"""Re-alignment modes as registered objects: what each freezes, what it adds, which module it needs.
 
-Freezing, adapter injection and feature caching live here so that the MergeCallback only
-orchestrates; every function is deterministic, so all ranks end with the same parameter set.
+``merge.realign: <name>`` selects a :class:`RealignMode` from :data:`REALIGN_MODES` (the one
+registry helper); the MergeCallback asks the mode, never compares its name. Each mode decides in
+the callback's ``setup`` (before DDP wraps the model, identically on every rank) which parameters
+train (:meth:`RealignMode.prepare`, needs only the net, so a checkpoint's structure can be rebuilt
+from it), and then wires what it needs into the module (:meth:`RealignMode.configure`: a feature
+cache, the tinting coefficients, surgery modules...).
+
+A new mode is one ``REALIGN_MODES.register(name, RealignMode(...))`` call.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 
+import lightning as L
 import torch
-from torch import Tensor, nn
-from torch.utils.hooks import RemovableHandle
+from torch import Tensor
 
-from lightning_simo.models.adapters import BlockAdapter
+from lightning_simo.merging.cache import SampleCache
+from lightning_simo.merging.sources import Sources
+from lightning_simo.models.adapters import add_adapters
 from lightning_simo.models.encoders import Encoder, EncoderOutput
 from lightning_simo.models.simo import SIMONet
+from lightning_simo.modules.tinting import TintingModule
+from lightning_simo.registry import Registry
 
 __all__ = [
     "REALIGN_MODES",
     "FeatureCache",
-    "add_adapters",
+    "RealignMode",
+    "RealignSettings",
     "apply_realign_mode",
 ]
 
-REALIGN_MODES = ("none", "heads", "adapters", "full", "tinting", "adamerging")
-_FINGERPRINT_SAMPLES = 64
-# the same image gives the same signature up to reduction order on the device
-_FINGERPRINT_RTOL = 1e-5
-_FINGERPRINT_ATOL = 1e-4
+
+@dataclass(frozen=True)
+class RealignSettings:
+    """The MergeCallback's re-alignment options, handed to every mode."""
+
+    adapter_rank: int = 16
+    adapter_form: str = "lora"
+    cache_features: bool = True
 
 
-def add_adapters(encoder: Encoder, rank: int, form: str) -> list[RemovableHandle]:
-    """Attach one adapter to the output of every encoder block (``encoder.adapters``)."""
-    if hasattr(encoder, "adapters"):
-        raise ValueError("The encoder already carries adapters.")
-    blocks = encoder.block_modules()
-    dims = [_block_width(encoder, i) for i in range(len(blocks))]
-    encoder.adapters = nn.ModuleList(BlockAdapter(d, rank, form) for d in dims)
-    handles = []
-    for block, adapter in zip(blocks, encoder.adapters, strict=True):
-        handles.append(block.register_forward_hook(_adapter_hook(adapter)))
-    return handles
+@dataclass(frozen=True)
+class RealignMode:
+    """One re-alignment mode.
+
+    Args:
+        summary: what trains, in a few words (messages, docs).
+        trains_encoder: the encoder's own weights train (``full``); otherwise they are frozen and
+            kept in eval mode every epoch (no BatchNorm updates, no dropout).
+        heads: the task heads train.
+        adapters: block adapters are injected after every encoder block and train.
+        module_class: the LightningModule class the mode needs (``None``: any SIMOModule).
+        configure: wires the mode into the module once the merged encoder is built
+            (``configure(module, sources, settings)``).
+        trains: anything trains at all (``none`` only evaluates the merged model).
+    """
+
+    summary: str
+    trains_encoder: bool = False
+    heads: bool = False
+    adapters: bool = False
+    module_class: type[L.LightningModule] | None = None
+    configure: Callable[[L.LightningModule, Sources, RealignSettings], None] | None = None
+    trains: bool = True
+
+    def check_module(self, name: str, module: L.LightningModule) -> None:
+        """Refuse a module of the wrong class before anything is merged."""
+        needed = self.module_class
+        if needed is not None and not isinstance(module, needed):
+            raise ValueError(
+                f"realign: {name} needs model class {needed.__module__}.{needed.__qualname__}"
+            )
+
+    def prepare(self, net: SIMONet, settings: RealignSettings = RealignSettings()) -> None:
+        """Set ``requires_grad`` for this mode, injecting adapters when it has them."""
+        net.requires_grad_(self.trains_encoder)
+        for name in getattr(net.encoder, "unused_parameters", []):  # never reached by any head
+            net.encoder.backbone.get_parameter(name).requires_grad_(False)
+        if self.adapters:
+            add_adapters(net.encoder, settings.adapter_rank, settings.adapter_form)
+            net.encoder.adapters.requires_grad_(True)
+        if self.heads:
+            net.heads.requires_grad_(True)
 
 
-def _adapter_hook(adapter: BlockAdapter):  # noqa: ANN202 - a forward hook
-    def hook(module: nn.Module, inputs: tuple, output: Tensor) -> Tensor:
-        return adapter(output)
-
-    return hook
-
-
-def _block_width(encoder: Encoder, index: int) -> int:
-    backbone = encoder.backbone
-    if hasattr(backbone, "blocks"):
-        return int(backbone.embed_dim)
-    return int(backbone.feature_info[index]["num_chs"])
+REALIGN_MODES: Registry[RealignMode] = Registry(
+    "re-alignment mode", "set merge.realign to one of them"
+)
 
 
 def apply_realign_mode(
     net: SIMONet, mode: str, adapter_rank: int = 16, adapter_form: str = "lora"
 ) -> None:
-    """Set ``requires_grad`` for ``mode`` (and inject adapters for ``adapters``).
-
-    ``none``: nothing trains (evaluate the merged model). ``heads``: heads only. ``adapters``:
-    block adapters and heads; encoder weights frozen. ``full``: everything. ``tinting`` and
-    ``adamerging`` freeze the net here; their coefficients and tinted layers are set up by the
-    tinting code.
-    """
-    if mode not in REALIGN_MODES:
-        raise ValueError(f"Re-alignment mode must be one of {REALIGN_MODES}, got {mode!r}.")
-    net.requires_grad_(mode == "full")
-    for name in getattr(net.encoder, "unused_parameters", []):  # never reached by any head
-        net.encoder.backbone.get_parameter(name).requires_grad_(False)
-    if mode == "heads":
-        net.heads.requires_grad_(True)
-    elif mode == "adapters":
-        add_adapters(net.encoder, adapter_rank, adapter_form)
-        net.encoder.adapters.requires_grad_(True)
-        net.heads.requires_grad_(True)
+    """:meth:`RealignMode.prepare` of the mode named ``mode`` (rebuilds a run's structure)."""
+    REALIGN_MODES.get(mode).prepare(net, RealignSettings(adapter_rank, adapter_form))
 
 
 class FeatureCache:
-    """Encoder features of the training samples, computed once per sample index.
+    """Encoder features of the training samples, computed once per sample index (a
+    :class:`~lightning_simo.merging.cache.SampleCache` of the frozen encoder's outputs).
 
     With a frozen encoder (head re-alignment) every epoch after the first costs only the heads.
-    Only valid when the training data is not augmented: the same index must always be the same
-    image. A cheap fingerprint of each cached image (its pixel sum and a strided sample of its
-    pixels) is kept, and a later batch whose image differs for a cached index raises a
-    ``RuntimeError`` instead of silently training the heads on features of another image.
     """
 
     def __init__(self, encoder: Encoder, device: torch.device | str | None = None) -> None:
         self.encoder = encoder
-        self.device = device
-        self._store: dict[int, tuple[list[Tensor], list[Tensor] | None]] = {}
-        self._fingerprints: dict[int, Tensor] = {}
-        self.hits = 0
-        self.misses = 0
+        self.cache = SampleCache(
+            "encoder features", "`cache_features: false` on the MergeCallback", device
+        )
+        self._levels = 0
+        self._tokens = False
 
     def __len__(self) -> int:
-        return len(self._store)
+        return len(self.cache)
+
+    @property
+    def hits(self) -> int:
+        return self.cache.hits
+
+    @property
+    def misses(self) -> int:
+        return self.cache.misses
 
     @torch.no_grad()
+    def _compute(self, images: Tensor) -> list[Tensor]:
+        was_training = self.encoder.training
+        self.encoder.eval()
+        out = self.encoder(images)
+        self.encoder.train(was_training)
+        self._levels = len(out.features)
+        self._tokens = out.class_tokens is not None
+        return [*out.features, *(out.class_tokens or [])]
+
     def __call__(self, batch: Mapping[str, Tensor]) -> EncoderOutput | None:
         if "index" not in batch:
             return None
-        indices = [int(i) for i in batch["index"].tolist()]
         images = batch["image"]
-        prints = _fingerprints(images)
-        missing = [j for j, i in enumerate(indices) if i not in self._store]
-        cached = [j for j, i in enumerate(indices) if i in self._store]
-        if cached:
-            self._check_unchanged([indices[j] for j in cached], prints[cached])
-        if missing:
-            was_training = self.encoder.training
-            self.encoder.eval()
-            out = self.encoder(images[missing])
-            self.encoder.train(was_training)
-            for k, j in enumerate(missing):
-                feats = [f[k].detach().clone() for f in out.features]
-                tokens = (
-                    None
-                    if out.class_tokens is None
-                    else [t[k].detach().clone() for t in out.class_tokens]
-                )
-                self._store[indices[j]] = (feats, tokens)
-                self._fingerprints[indices[j]] = prints[j]
-            self.misses += len(missing)
-        self.hits += len(indices) - len(missing)
-        entries = [self._store[i] for i in indices]
-        features = [torch.stack([e[0][lvl] for e in entries]) for lvl in range(len(entries[0][0]))]
-        tokens = None
-        if entries[0][1] is not None:
-            tokens = [
-                torch.stack([e[1][lvl] for e in entries]) for lvl in range(len(entries[0][1]))
-            ]
+        parts = self.cache.get(batch["index"], images, self._compute)
+        features, tokens = parts[: self._levels], parts[self._levels :]
         size = (int(images.shape[-2]), int(images.shape[-1]))
-        return EncoderOutput(features, tokens, size)
+        return EncoderOutput(features, tokens if self._tokens else None, size)
 
-    def _check_unchanged(self, indices: list[int], prints: Tensor) -> None:
-        """Raise if an image differs from the one whose features were cached for its index.
 
-        Compared in one batched operation so the check costs a single device synchronisation.
-        """
-        stored = [self._fingerprints[i] for i in indices]
-        if all(s.shape == prints.shape[1:] for s in stored) and torch.allclose(
-            torch.stack(stored), prints, rtol=_FINGERPRINT_RTOL, atol=_FINGERPRINT_ATOL
-        ):
-            return
-        changed = next(
-            i
-            for i, s, p in zip(indices, stored, prints, strict=True)
-            if s.shape != p.shape
-            or not torch.allclose(s, p, rtol=_FINGERPRINT_RTOL, atol=_FINGERPRINT_ATOL)
-        )
-        raise RuntimeError(
-            f"Cached encoder features are stale: training sample {changed} is not the image "
-            "whose features were cached for it (is the training data augmented?). Feature "
-            "caching needs the same image for the same index in every epoch: set `augment: "
-            "false` on the datamodule, or `cache_features: false` on the MergeCallback."
+# ----------------------------------------------------------------------------- the modes
+def _cache_features(module: L.LightningModule, sources: Sources, settings: RealignSettings) -> None:
+    if settings.cache_features:
+        module.feature_source = FeatureCache(module.net.encoder)
+
+
+def _tinting(tint_heads: bool) -> Callable[[L.LightningModule, Sources, RealignSettings], None]:
+    def configure(module: L.LightningModule, sources: Sources, settings: RealignSettings) -> None:
+        module.configure_tinting(
+            sources.theta0, sources.finetuned, dict(sources.heads), tint_heads=tint_heads
         )
 
+    return configure
 
-def _fingerprints(images: Tensor) -> Tensor:
-    """Per-image signature ``B x (1 + n)``: the pixel sum and ``n`` evenly strided pixels.
 
-    The sum catches crops, rescaling and colour changes; the strided sample catches flips, which
-    leave the sum unchanged. Different image sizes give signatures of different lengths.
-    """
-    flat = images.detach().flatten(1).float()
-    step = max(1, flat.shape[1] // _FINGERPRINT_SAMPLES)
-    sample = flat[:, ::step][:, :_FINGERPRINT_SAMPLES]
-    return torch.cat([flat.sum(dim=1, keepdim=True), sample], dim=1)
+REALIGN_MODES.register("none", RealignMode("nothing (evaluate the merged model)", trains=False))
+REALIGN_MODES.register(
+    "heads", RealignMode("the task heads", heads=True, configure=_cache_features)
+)
+REALIGN_MODES.register(
+    "adapters", RealignMode("block adapters and the task heads", heads=True, adapters=True)
+)
+REALIGN_MODES.register(
+    "full", RealignMode("everything: encoder and heads", trains_encoder=True, heads=True)
+)
+REALIGN_MODES.register(
+    "tinting",
+    RealignMode(
+        "layer-wise merge coefficients and one layer of each head, label-free",
+        module_class=TintingModule,
+        configure=_tinting(True),
+    ),
+)
+REALIGN_MODES.register(
+    "adamerging",
+    RealignMode(
+        "layer-wise merge coefficients, label-free",
+        module_class=TintingModule,
+        configure=_tinting(False),
+    ),
+)

@@ -15,7 +15,11 @@ from lightning_simo.merging.methods import (
     register_merge_method,
 )
 from lightning_simo.merging.task_vectors import (
+    add_scaled,
+    apply_task_vector,
+    cast_like,
     check_compatible,
+    compute_dtype,
     cosine_similarity_matrix,
     is_bn_running_stat,
     norms,
@@ -30,7 +34,11 @@ __all__ = [
     "MergeInputs",
     "MergeMethod",
     "Option",
+    "add_scaled",
+    "apply_task_vector",
+    "cast_like",
     "check_compatible",
+    "compute_dtype",
     "cosine_similarity_matrix",
     "is_bn_running_stat",
     "keep_count",

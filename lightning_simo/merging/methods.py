@@ -7,9 +7,10 @@ merging three ViT-B encoders needs little more than the inputs and the output in
 TIES trimming, which ranks magnitudes over the whole model, finds each task vector's exact
 threshold with a radix select over the float bit patterns (two counting passes for float32).
 
-Numerics: everything is computed in float32 (float64 if an input tensor is float64), so bf16 and
-fp16 checkpoints merge without accumulating rounding errors; each result is cast back to the
-pretrained tensor's dtype. Integer tensors (e.g. ``num_batches_tracked``) are copied from
+Numerics follow :mod:`lightning_simo.merging.task_vectors` (the one casting rule and the one
+``theta_0 + alpha * tau``): everything is computed in float32 (float64 if an input tensor is
+float64), so bf16 and fp16 checkpoints merge without accumulating rounding errors; each result is
+cast back to the pretrained tensor's dtype. Integer tensors (e.g. ``num_batches_tracked``) are copied from
 ``pretrained``. The result never shares memory with the inputs.
 
 New methods plug in with :func:`register_merge_method`; see :class:`MergeInputs` for the per-key
@@ -18,17 +19,26 @@ accessors a method receives.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import hashlib
 import math
 import numbers
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from lightning_simo.merging.task_vectors import check_compatible, is_bn_running_stat
+from lightning_simo.merging.task_vectors import (
+    add_scaled,
+    cast_like,
+    check_compatible,
+    compute_dtype,
+    is_bn_running_stat,
+)
+from lightning_simo.registry import Registry
 
 __all__ = [
     "BN_STATS_POLICIES",
@@ -43,6 +53,9 @@ __all__ = [
 ]
 
 BN_STATS_POLICIES = ("merge", "pretrained", "reestimate")
+"""BatchNorm running statistics: merged like weights, kept from theta_0, or re-estimated on data
+afterwards (the MergeCallback's ``bn_stats``; re-estimating needs data, so ``merge`` keeps
+theta_0's and the callback does the rest)."""
 _COMMON_OPTIONS = ("bn_stats", "keys")
 _DIGIT_BITS = 16
 _DIGITS = 1 << _DIGIT_BITS
@@ -55,12 +68,14 @@ class MergeInputs:
     ``keys`` are the floating-point keys selected for merging (in ``pretrained`` order); every
     other key is copied from ``pretrained`` by :func:`merge`. Accessors convert to ``dtype`` on
     the fly, one key at a time, so methods never hold more than one tensor per task.
+    ``on_finish(key)`` is called each time a method finishes a key (progress bars).
     """
 
     pretrained: Mapping[str, Tensor]
     finetuned: Sequence[Mapping[str, Tensor]]
     keys: tuple[str, ...]
     dtype: torch.dtype
+    on_finish: Callable[[str], None] | None = field(default=None, compare=False)
 
     @property
     def n_tasks(self) -> int:
@@ -82,10 +97,15 @@ class MergeInputs:
         base = self.theta0(key)
         return [ft[key].to(self.dtype) - base for ft in self.finetuned]
 
+    def scaled(self, key: str, tau: Tensor, alpha: float | Tensor) -> Tensor:
+        """``theta_0 + alpha * tau`` at ``key``, finished (the step most methods end with)."""
+        return self.finish(key, add_scaled(self.pretrained[key], tau.to(self.dtype), alpha))
+
     def finish(self, key: str, value: Tensor) -> Tensor:
         """Cast a merged value back to the pretrained tensor's dtype and device."""
-        ref = self.pretrained[key]
-        return value.to(device=ref.device, dtype=ref.dtype)
+        if self.on_finish is not None:
+            self.on_finish(key)
+        return cast_like(value, self.pretrained[key])
 
 
 MergeFn = Callable[[MergeInputs, Mapping[str, Any]], dict[str, Tensor]]
@@ -119,7 +139,9 @@ class MergeMethod:
         return _validate(self.name, self.options, options)
 
 
-MERGE_METHODS: dict[str, MergeMethod] = {}
+MERGE_METHODS: Registry[MergeMethod] = Registry(
+    "merge method", "set merge.method (or the `method` argument of merge) to one of them"
+)
 
 
 def register_merge_method(
@@ -138,9 +160,8 @@ def register_merge_method(
     """
 
     def add(function: MergeFn) -> MergeFn:
-        if name in MERGE_METHODS and not replace:
-            raise ValueError(f"merge method {name!r} is already registered (pass replace=True)")
-        MERGE_METHODS[name] = MergeMethod(name, function, dict(options or {}), validate)
+        spec = MergeMethod(name, function, dict(options or {}), validate)
+        MERGE_METHODS.register(name, spec, replace=replace)
         return function
 
     return add if fn is None else add(fn)
@@ -309,12 +330,13 @@ def _select_keys(
 def _compute_dtype(
     pretrained: Mapping[str, Tensor], finetuned: Sequence[Mapping[str, Tensor]], keys: Sequence[str]
 ) -> torch.dtype:
-    for key in keys:
-        if pretrained[key].dtype == torch.float64 or any(
-            ft[key].dtype == torch.float64 for ft in finetuned
-        ):
-            return torch.float64
-    return torch.float32
+    """One dtype for the whole merge (:func:`compute_dtype` over every merged tensor), so global
+    statistics such as TIES thresholds are taken in a single precision."""
+    wide = any(
+        compute_dtype(pretrained[key], *(ft[key] for ft in finetuned)) == torch.float64
+        for key in keys
+    )
+    return torch.float64 if wide else torch.float32
 
 
 # ----------------------------------------------------------------------------- the entry point
@@ -324,6 +346,8 @@ def merge(
     pretrained: Mapping[str, Tensor],
     finetuned: Sequence[Mapping[str, Tensor]],
     method: str,
+    *,
+    progress: bool | Callable[[str], None] = False,
     **options: Any,
 ) -> dict[str, Tensor]:
     """Merge fine-tuned state dicts that share the ``pretrained`` starting point.
@@ -340,14 +364,13 @@ def merge(
             ``"reestimate"`` also keeps theta_0's here, because re-estimating needs data: a
             Lightning callback does it afterwards.
             ``keys``: merge only these keys; all others are copied from ``pretrained``.
+        progress: ``True`` shows a progress bar over the merged tensors (long merges); a callable
+            is called with each finished key instead.
 
     Returns:
         A new state dict with ``pretrained``'s keys, order and per-tensor dtypes.
     """
-    if method not in MERGE_METHODS:
-        known = ", ".join(sorted(MERGE_METHODS))
-        raise ValueError(f"unknown merge method {method!r}; known methods: {known}")
-    spec = MERGE_METHODS[method]
+    spec = MERGE_METHODS.get(method)
     options = dict(options)
     bn_stats = options.pop("bn_stats", "merge")
     if bn_stats not in BN_STATS_POLICIES:
@@ -367,18 +390,39 @@ def merge(
     merged: dict[str, Tensor] = {}
     if merge_keys:
         dtype = _compute_dtype(pretrained, finetuned, merge_keys)
-        inputs = MergeInputs(pretrained, finetuned, merge_keys, dtype)
-        merged = spec.fn(inputs, method_options)
+        with _progress(progress, f"merging ({method})", len(merge_keys)) as on_finish:
+            inputs = MergeInputs(pretrained, finetuned, merge_keys, dtype, on_finish)
+            merged = spec.fn(inputs, method_options)
         missing = next((k for k in merge_keys if k not in merged), None)
         if missing is not None:
             raise RuntimeError(f"merge method {method!r} returned no value for key {missing!r}")
     result: dict[str, Tensor] = {}
     for key, value in pretrained.items():
         if key in merged:
-            result[key] = merged[key].to(device=value.device, dtype=value.dtype)
+            result[key] = cast_like(merged[key], value)
         else:
             result[key] = value.detach().clone()
     return result
+
+
+@contextlib.contextmanager
+def _progress(
+    progress: bool | Callable[[str], None], label: str, total: int
+) -> Iterator[Callable[[str], None] | None]:
+    """The ``on_finish`` hook for :class:`MergeInputs`: a rich progress bar over the merged
+    tensors, the caller's own callable, or nothing. Methods that finish a key more than once
+    (multi-pass ones) only make the bar full early; it never blocks them."""
+    if callable(progress):
+        yield progress
+        return
+    if not progress:
+        yield None
+        return
+    from rich.progress import Progress
+
+    with Progress(transient=True) as bar:
+        job = bar.add_task(label, total=total)
+        yield lambda key: bar.update(job, advance=1)
 
 
 # ----------------------------------------------------------------------------- methods
@@ -398,8 +442,7 @@ def _task_arithmetic(inputs: MergeInputs, options: Mapping[str, Any]) -> dict[st
     scaling = options["scaling"]
     out: dict[str, Tensor] = {}
     for key in inputs.keys:
-        total = _accumulate(inputs.task_vectors(key))
-        out[key] = inputs.finish(key, inputs.theta0(key) + total.mul_(scaling))
+        out[key] = inputs.scaled(key, _accumulate(inputs.task_vectors(key)), scaling)
     return out
 
 
@@ -459,15 +502,14 @@ def _ties(inputs: MergeInputs, options: Mapping[str, Any]) -> dict[str, Tensor]:
             where = (tied & support).reshape(-1).nonzero().squeeze(1)
             if where.numel():
                 pending.append((key, where, [t.reshape(-1)[where] for t in trimmed]))
-        merged = _disjoint(trimmed, elected, rule)
-        out[key] = inputs.finish(key, inputs.theta0(key) + merged.mul_(scaling))
+        out[key] = inputs.scaled(key, _disjoint(trimmed, elected, rule), scaling)
     majority = 1.0 if positive >= negative else -1.0
     for key, where, values in pending:
         out[key] = out[key].contiguous()
         elected = torch.full_like(values[0], majority)
         merged = _disjoint(values, elected, rule)
-        base = inputs.theta0(key).reshape(-1)[where]
-        out[key].view(-1)[where] = inputs.finish(key, base + merged.mul_(scaling))
+        base = inputs.pretrained[key].reshape(-1)[where]
+        out[key].view(-1)[where] = cast_like(add_scaled(base, merged, scaling), out[key])
     return out
 
 
@@ -516,7 +558,7 @@ _DARE_OPTIONS = {
 
 def _validate_dare(options: Mapping[str, Any]) -> dict[str, Any]:
     base = options.get("base", _DARE_OPTIONS["base"].default)
-    base_options = MERGE_METHODS[base].options if base in ("task_arithmetic", "ties") else {}
+    base_options = MERGE_METHODS.get(base).options if base in ("task_arithmetic", "ties") else {}
     context = f" with base {base!r}" if base_options else ""
     return _validate("dare", {**_DARE_OPTIONS, **base_options}, options, context)
 
@@ -531,16 +573,10 @@ def _dare(inputs: MergeInputs, options: Mapping[str, Any]) -> dict[str, Tensor]:
     not depend on the order in which keys are visited.
     """
     base = options["base"]
-    dropped = _DroppedInputs(
-        inputs.pretrained,
-        inputs.finetuned,
-        inputs.keys,
-        inputs.dtype,
-        drop_rate=options["drop_rate"],
-        seed=options["seed"],
-    )
+    fields = {f.name: getattr(inputs, f.name) for f in dataclasses.fields(MergeInputs)}
+    dropped = _DroppedInputs(**fields, drop_rate=options["drop_rate"], seed=options["seed"])
     base_options = {k: v for k, v in options.items() if k not in _DARE_OPTIONS}
-    return MERGE_METHODS[base].fn(dropped, base_options)
+    return MERGE_METHODS.get(base).fn(dropped, base_options)
 
 
 register_merge_method("average", _average)

@@ -1,4 +1,12 @@
-"""Task-vector arithmetic on state dicts: tau_t = theta_t - theta_0, and statistics of them.
+"""The one set of state-dict operations: tau_t = theta_t - theta_0, theta_0 + alpha * tau, casting.
+
+Every merge method, the MergeCallback, the analysis sweeps and layer-wise merging go through
+:func:`compute_dtype` (the casting rule), :func:`add_scaled` (theta_0 + alpha * tau, the only
+place it is written) and the state-dict forms :func:`task_vector` / :func:`apply_task_vector`.
+
+The casting rule: arithmetic runs in float32, or float64 as soon as one input is float64; bf16 /
+fp16 differences are not representable in their own dtype, so subtracting there would lose the
+task vector. Results are cast back to theta_0's dtype and device at the end (``cast_like``).
 
 Everything here works key by key on ``{name: tensor}`` mappings. Tensors are matched by *name*,
 never by position (zipping ``state_dict().values()`` silently misaligns as soon as buffers such
@@ -15,7 +23,11 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "add_scaled",
+    "apply_task_vector",
+    "cast_like",
     "check_compatible",
+    "compute_dtype",
     "cosine_similarity_matrix",
     "is_bn_running_stat",
     "norms",
@@ -78,12 +90,54 @@ def check_compatible(
             raise ValueError(f"{name!r} has key {extra!r} that {reference_name!r} lacks")
 
 
-def _delta_dtype(a: Tensor, b: Tensor) -> torch.dtype:
-    """float64 if either side is float64, else float32: bf16/fp16 differences are not
-    representable in their own dtype, so subtracting there would lose the task vector."""
-    if torch.float64 in (a.dtype, b.dtype):
+def compute_dtype(*tensors: Tensor) -> torch.dtype:
+    """float64 if any of ``tensors`` is float64, else float32 (the casting rule of the module)."""
+    if any(t.dtype == torch.float64 for t in tensors):
         return torch.float64
     return torch.float32
+
+
+def add_scaled(base: Tensor, tau: Tensor, alpha: float | Tensor = 1.0) -> Tensor:
+    """``base + alpha * tau`` in :func:`compute_dtype` of the two (a fresh tensor).
+
+    ``alpha`` may be a tensor (a differentiable coefficient, or one coefficient per task already
+    contracted into ``tau``). The result is not cast back; see :func:`cast_like`.
+    """
+    dtype = compute_dtype(base, tau)
+    return base.to(dtype) + alpha * tau.to(dtype)
+
+
+def cast_like(value: Tensor, reference: Tensor) -> Tensor:
+    """``value`` in ``reference``'s dtype and on its device (the end of every merge)."""
+    return value.to(device=reference.device, dtype=reference.dtype)
+
+
+def apply_task_vector(
+    theta0: Mapping[str, Tensor],
+    tau: Mapping[str, Tensor],
+    alpha: float = 1.0,
+    *,
+    clamp_running_var: bool = True,
+) -> dict[str, Tensor]:
+    """``theta_0 + alpha * tau`` for every key of ``theta0``, in theta_0's dtypes.
+
+    Floating-point keys of ``tau`` move (see :func:`add_scaled`); a non-floating key of ``tau``
+    (an integer buffer a merge decided on) replaces theta_0's; keys ``tau`` lacks are theta_0's
+    own tensors (not copies). BatchNorm running variances are clamped at 0 (``alpha`` above 1 or
+    a sum of several vectors can push them negative) unless ``clamp_running_var`` is false.
+    """
+    out: dict[str, Tensor] = {}
+    for key, base in theta0.items():
+        if key not in tau:
+            out[key] = base
+        elif not base.is_floating_point():
+            out[key] = tau[key]
+        else:
+            value = add_scaled(base, tau[key], alpha)
+            if clamp_running_var and key.endswith("running_var"):
+                value = value.clamp_min(0.0)
+            out[key] = cast_like(value, base)
+    return out
 
 
 def task_vector(
@@ -105,7 +159,7 @@ def _difference(
         if not base.is_floating_point():
             continue
         other = finetuned[key]
-        dtype = _delta_dtype(base, other)
+        dtype = compute_dtype(base, other)
         vector[key] = other.to(dtype) - base.to(dtype)
     return vector
 

@@ -2,14 +2,21 @@
 
 An adapter rewrites each block's output in place through a forward hook, so the encoder's own
 parameter names (``backbone.*``) never change: merging, task vectors and checkpoints of the
-unadapted encoder keep working, and adapter weights live apart under ``adapters.*``.
+unadapted encoder keep working, and adapter weights live apart under ``adapters.*``
+(:func:`add_adapters`).
 """
 
 from __future__ import annotations
 
-from torch import Tensor, nn
+from typing import TYPE_CHECKING
 
-__all__ = ["ADAPTER_FORMS", "BlockAdapter"]
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+
+if TYPE_CHECKING:
+    from lightning_simo.models.encoders import Encoder
+
+__all__ = ["ADAPTER_FORMS", "BlockAdapter", "add_adapters"]
 
 ADAPTER_FORMS = ("lora", "residual")
 
@@ -44,3 +51,30 @@ class BlockAdapter(nn.Module):
         else:
             z = z - self.up(nn.functional.relu(self.down(z)))
         return z.movedim(-1, 1) if channels_first else z
+
+
+def add_adapters(encoder: Encoder, rank: int, form: str) -> list[RemovableHandle]:
+    """Attach one adapter to the output of every encoder block (``encoder.adapters``)."""
+    if hasattr(encoder, "adapters"):
+        raise ValueError("The encoder already carries adapters.")
+    blocks = encoder.block_modules()
+    dims = [_block_width(encoder, i) for i in range(len(blocks))]
+    encoder.adapters = nn.ModuleList(BlockAdapter(d, rank, form) for d in dims)
+    handles = []
+    for block, adapter in zip(blocks, encoder.adapters, strict=True):
+        handles.append(block.register_forward_hook(_adapter_hook(adapter)))
+    return handles
+
+
+def _adapter_hook(adapter: BlockAdapter):  # noqa: ANN202 - a forward hook
+    def hook(module: nn.Module, inputs: tuple, output: Tensor) -> Tensor:
+        return adapter(output)
+
+    return hook
+
+
+def _block_width(encoder: Encoder, index: int) -> int:
+    backbone = encoder.backbone
+    if hasattr(backbone, "blocks"):
+        return int(backbone.embed_dim)
+    return int(backbone.feature_info[index]["num_chs"])

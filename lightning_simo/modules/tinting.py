@@ -32,7 +32,7 @@ to the searched α to start from it).
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -40,22 +40,19 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from lightning_simo.merging.cache import SampleCache
+from lightning_simo.merging.layerwise import LayerwiseMerge
 from lightning_simo.models.encoders import EncoderOutput
 from lightning_simo.modules.simo import SIMOModule
 
 __all__ = [
-    "TINT_MODES",
     "LayerwiseMerge",
-    "TeacherCache",
     "TintingModule",
     "confidence_filter",
     "task_order",
     "teacher_targets",
     "tint_loss",
 ]
-
-TINT_MODES = ("tinting", "adamerging")
-"""``tinting``: coefficients + one tinted layer per task; ``adamerging``: coefficients only."""
 
 Targets = tuple[Tensor, ...]
 
@@ -142,161 +139,6 @@ def task_order(tasks: Sequence[str], step: int) -> list[str]:
     return [tasks[i] for i in torch.randperm(len(tasks), generator=generator).tolist()]
 
 
-# ----------------------------------------------------------------------------- the merge
-class LayerwiseMerge(nn.Module):
-    """Trainable layer-wise task arithmetic ``θ0 + Σ_k λ_{l,k} τ_{k,l}``.
-
-    ``coefficients`` (``K x L``, persistent) are the only parameters. θ0 and the task vectors are
-    non-persistent buffers: they follow the module across devices but are rebuilt from the
-    single-task checkpoints on every run, so checkpoints stay the size of one model. The task
-    vectors of one tensor are stacked over tasks so each merged tensor is one ``tensordot``.
-
-    Args:
-        theta0: the pretrained encoder state (keys as ``Encoder.state_dict()``).
-        finetuned: one fine-tuned encoder state per task (same keys).
-        names: the parameter tensors to merge, in a fixed order (the columns of ``coefficients``).
-        init: initial value of every coefficient.
-        dtypes: dtype of each merged tensor (the encoder's parameter dtypes); float32 by default.
-    """
-
-    def __init__(
-        self,
-        theta0: Mapping[str, Tensor],
-        finetuned: Sequence[Mapping[str, Tensor]],
-        names: Sequence[str],
-        init: float,
-        dtypes: Mapping[str, torch.dtype] | None = None,
-    ) -> None:
-        super().__init__()
-        if not finetuned:
-            raise ValueError("LayerwiseMerge needs at least one fine-tuned state.")
-        self.names = list(names)
-        self.dtypes = dict(dtypes or {})
-        self.coefficients = nn.Parameter(torch.full((len(finetuned), len(self.names)), init))
-        for i, name in enumerate(self.names):
-            base = theta0[name].detach().float()
-            tau = torch.stack(
-                [ft[name].detach().to(base.device).float() - base for ft in finetuned]
-            )
-            self.register_buffer(f"theta0_{i}", base.clone(), persistent=False)
-            self.register_buffer(f"tau_{i}", tau, persistent=False)
-
-    @property
-    def num_tasks(self) -> int:
-        return int(self.coefficients.shape[0])
-
-    def clamped(self) -> Tensor:
-        """The coefficients as used by the merge: clamped to [0, 1] (keeps gradients inside)."""
-        return self.coefficients.clamp(0.0, 1.0)
-
-    @torch.no_grad()
-    def clamp_(self) -> None:
-        """Project the stored coefficients back to [0, 1] (after an optimiser step), so logged and
-        saved values are the ones the merge uses."""
-        self.coefficients.clamp_(0.0, 1.0)
-
-    def _theta0(self, i: int) -> Tensor:
-        return getattr(self, f"theta0_{i}")
-
-    def _tau(self, i: int) -> Tensor:
-        return getattr(self, f"tau_{i}")
-
-    def _cast(self, name: str, value: Tensor) -> Tensor:
-        return value.to(self.dtypes.get(name, value.dtype))
-
-    def merged(self) -> dict[str, Tensor]:
-        """The merged tensors (differentiable in the coefficients)."""
-        lam = self.clamped()
-        return {
-            name: self._cast(name, self._theta0(i) + torch.tensordot(lam[:, i], self._tau(i), 1))
-            for i, name in enumerate(self.names)
-        }
-
-    def task_weights(self, k: int) -> dict[str, Tensor]:
-        """Task ``k``'s fine-tuned tensors ``θ0 + τ_k`` (the teacher's encoder)."""
-        return {
-            name: self._cast(name, self._theta0(i) + self._tau(i)[k])
-            for i, name in enumerate(self.names)
-        }
-
-
-# ----------------------------------------------------------------------------- teacher cache
-_FINGERPRINT_RTOL = 1e-6
-
-
-def _fingerprint(images: Tensor) -> Tensor:
-    """``B x 3`` signature per image: its sum, and sums weighted by column and by row position
-    (float64). Crops, rescales and colour changes move the sum; flips move the weighted sums."""
-    x = images.detach().double().sum(dim=1)  # B x H x W
-    rows = torch.linspace(0.0, 1.0, x.shape[-2], dtype=x.dtype, device=x.device)[:, None]
-    cols = torch.linspace(0.0, 1.0, x.shape[-1], dtype=x.dtype, device=x.device)[None, :]
-    return torch.stack([x.sum((1, 2)), (x * cols).sum((1, 2)), (x * rows).sum((1, 2))], dim=1)
-
-
-class TeacherCache:
-    """Teacher targets of the training samples, computed once per sample index and kept on CPU.
-
-    The teachers are frozen, so their targets for a given image never change; after the first
-    epoch tinting costs only the merged model. Valid only when a sample index always gives the same
-    image: a fingerprint of each cached image is compared on every hit, and a changed image
-    (augmented training data) raises instead of training on another image's targets.
-    """
-
-    def __init__(self) -> None:
-        self._targets: dict[int, dict[str, Targets]] = {}
-        self._prints: dict[int, Tensor] = {}
-        self.hits = 0
-        self.misses = 0
-
-    def __len__(self) -> int:
-        return len(self._targets)
-
-    def get(
-        self,
-        indices: Tensor,
-        images: Tensor,
-        compute: Callable[[Tensor], dict[str, Targets]],
-    ) -> dict[str, Targets]:
-        """Targets of every task for the batch; ``compute(images)`` is called on the misses only."""
-        keys = [int(i) for i in indices.tolist()]
-        prints = _fingerprint(images).cpu()
-        missing = [j for j, key in enumerate(keys) if key not in self._targets]
-        hit = [j for j, key in enumerate(keys) if key in self._targets]
-        if hit:
-            self._check_unchanged([keys[j] for j in hit], prints[hit])
-        if missing:
-            fresh = compute(images[missing])
-            for row, j in enumerate(missing):
-                self._targets[keys[j]] = {
-                    task: tuple(t[row].detach().cpu().clone() for t in parts)
-                    for task, parts in fresh.items()
-                }
-                self._prints[keys[j]] = prints[j]
-        self.misses += len(missing)
-        self.hits += len(hit)
-        entries = [self._targets[key] for key in keys]
-        return {
-            task: tuple(
-                torch.stack([e[task][p] for e in entries]).to(images.device, non_blocking=True)
-                for p in range(len(parts))
-            )
-            for task, parts in entries[0].items()
-        }
-
-    def _check_unchanged(self, keys: list[int], prints: Tensor) -> None:
-        stored = torch.stack([self._prints[k] for k in keys])
-        close = torch.isclose(stored, prints, rtol=_FINGERPRINT_RTOL, atol=1e-6).all(dim=1)
-        if bool(close.all()):
-            return
-        changed = keys[int((~close).nonzero()[0, 0])]
-        raise ValueError(
-            f"Teacher targets are cached per sample index, but training sample {changed} is not "
-            "the image they were computed on (is the training data augmented?). Train tinting on "
-            "un-augmented images (augment: false, or scales [1.0], hflip false, crop null) or set "
-            "model.init_args.cache_teachers: false."
-        )
-
-
 # ----------------------------------------------------------------------------- the module
 class TintingModule(SIMOModule):
     """A merged SIMO model re-aligned by Model Tinting (or AdaMerging-style coefficients only).
@@ -344,13 +186,18 @@ class TintingModule(SIMOModule):
         self.coefficient_init = coefficient_init
         self.lr_coefficients = lr_coefficients
         self.lr_tinted = lr_tinted
-        self.tint_mode: str | None = None
+        self.tint_heads = False
         self.layer_merge: LayerwiseMerge | None = None
-        self.teacher_cache: TeacherCache | None = TeacherCache() if cache_teachers else None
+        self.teacher_cache: SampleCache | None = (
+            SampleCache("teacher targets", "`model.init_args.cache_teachers: false`", "cpu")
+            if cache_teachers
+            else None
+        )
         # frozen copies of the fine-tuned heads and the fine-tuned encoders' buffers (e.g.
         # BatchNorm statistics); kept out of the state dict, they are rebuilt from the checkpoints
         self._teacher_heads: dict[str, nn.Module] = {}
         self._teacher_buffers: list[dict[str, Tensor]] = []
+        self._target_layout: list[tuple[str, int]] = []  # (task, tensors) of cached targets
 
     # ------------------------------------------------------------------ set-up (MergeCallback)
     def configure_tinting(
@@ -358,7 +205,7 @@ class TintingModule(SIMOModule):
         theta0: dict[str, Tensor],
         finetuned: list[dict[str, Tensor]],
         fine_tuned_heads: dict[str, dict[str, Tensor]],
-        mode: str,
+        tint_heads: bool = True,
     ) -> None:
         """Create the coefficients, the teachers and the tinted layers; freeze everything else.
 
@@ -369,10 +216,9 @@ class TintingModule(SIMOModule):
             theta0: the pretrained encoder state.
             finetuned: the fine-tuned encoder states, in the order of this module's tasks.
             fine_tuned_heads: each task's fine-tuned head state.
-            mode: ``tinting`` or ``adamerging``.
+            tint_heads: train one layer of each head too (``tinting``), or the coefficients only
+                (``adamerging``).
         """
-        if mode not in TINT_MODES:
-            raise ValueError(f"Tinting mode must be one of {TINT_MODES}, got {mode!r}.")
         if self.layer_merge is not None:
             raise ValueError("Tinting is already configured for this module.")
         if len(finetuned) != len(self.tasks):
@@ -413,9 +259,9 @@ class TintingModule(SIMOModule):
             teacher = copy.deepcopy(head).eval()
             teacher.requires_grad_(False)
             self._teacher_heads[task] = teacher
-            if mode == "tinting":
+            if tint_heads:
                 self._tinted(task).requires_grad_(True)
-        self.tint_mode = mode
+        self.tint_heads = tint_heads
 
     def _tinted(self, task: str) -> nn.Module:
         head = self.net.heads[task]
@@ -437,7 +283,7 @@ class TintingModule(SIMOModule):
 
     def tinted_parameters(self) -> list[nn.Parameter]:
         """The trainable parameters of the tinted layers (none in ``adamerging`` mode)."""
-        if self.tint_mode != "tinting":
+        if not self.tint_heads:
             return []
         return [p for t in self.tasks for p in self._tinted(t).parameters()]
 
@@ -489,7 +335,14 @@ class TintingModule(SIMOModule):
         images = batch["image"]
         if self.teacher_cache is None or "index" not in batch:
             return self._compute_targets(images)
-        return self.teacher_cache.get(batch["index"], images, self._compute_targets)
+
+        def flat(missing: Tensor) -> list[Tensor]:
+            targets = self._compute_targets(missing)
+            self._target_layout = [(task, len(parts)) for task, parts in targets.items()]
+            return [part for parts in targets.values() for part in parts]
+
+        parts = iter(self.teacher_cache.get(batch["index"], images, flat))
+        return {task: tuple(next(parts) for _ in range(n)) for task, n in self._target_layout}
 
     # ------------------------------------------------------------------ training
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
