@@ -96,28 +96,33 @@ def reference_ties_flat(
     scaling: float,
     merge_rule: str = "mean",
 ) -> dict[str, Tensor]:
-    """TIES with global trimming, written the obvious way on the whole flattened model.
+    """FusionBench's ``ties_merging`` (after the TIES authors' code), on the flattened model.
 
-    k = density * n rounded half up (at least 1); a value is kept when its magnitude is >= the
-    k-th largest magnitude of its task vector; the elected sign is the sign of the summed
-    trimmed values, and the sign of the sum of elected signs where that sum is zero (+1 on a
-    tie); merged = mean (or sum) of the trimmed values with the elected sign.
+    Trim (``topk_values_mask``): per task row, the threshold is the ``(n - int(n * density))``-th
+    smallest magnitude and every value at or above it is kept. Elect (``resolve_sign``): the sign
+    of the column sums; zero signs take the sign of the sum of all signs (0 on an exact tie).
+    Disjoint merge (``disjoint_merge``): a value is selected where it is positive under a
+    positive sign and negative otherwise; ``mean`` divides the selected sum by the number of
+    non-zero selected values (at least 1), ``sum`` does not, ``max`` takes the largest selected
+    magnitude times the sign. Result: ``theta_0 + scaling * merged``.
     """
     keys, _, base, matrix = _flat_setup(pretrained, finetuned)
     n = matrix.shape[1]
-    k = max(1, min(n, int(density * n + 0.5)))
+    rank = max(1, n - int(n * density))  # density 1 keeps all (the reference needs rank >= 1)
     magnitude = matrix.abs()
-    kth = magnitude.kthvalue(n - k + 1, dim=1, keepdim=True).values
-    trimmed = torch.where(magnitude >= kth, matrix, 0.0)
+    kth = magnitude.kthvalue(rank, dim=1, keepdim=True).values
+    trimmed = matrix * (magnitude >= kth)
     del magnitude
-    elected = torch.sign(trimmed.sum(dim=0))
-    majority = torch.sign(elected.sum())
-    elected[elected == 0] = majority if majority != 0 else 1.0
-    agree = torch.sign(trimmed) == elected
-    merged = torch.where(agree, trimmed, 0.0).sum(dim=0)
-    if merge_rule == "mean":
-        merged = merged / agree.sum(dim=0).clamp(min=1)
-    return _unflatten(pretrained, keys, base + merged * scaling)
+    signs = torch.sign(trimmed.sum(dim=0))
+    signs[signs == 0] = torch.sign(signs.sum())
+    selected = trimmed * torch.where(signs[None] > 0, trimmed > 0, trimmed < 0)
+    if merge_rule == "max":
+        merged = selected.abs().max(dim=0).values * signs
+    else:
+        merged = selected.sum(dim=0)
+        if merge_rule == "mean":
+            merged = merged / (selected != 0).sum(dim=0).float().clamp(min=1)
+    return _unflatten(pretrained, keys, base + scaling * merged)
 
 
 # ----------------------------------------------------------------------------- measurement

@@ -244,15 +244,19 @@ def ties_inputs() -> tuple[dict[str, Tensor], list[dict[str, Tensor]]]:
     return pretrained, [{"w": tau} for tau in taus]
 
 
-def test_ties_trim_elect_disjoint_mean_and_sum() -> None:
+def test_ties_trim_elect_disjoint_mean_sum_and_max() -> None:
     pretrained, finetuned = ties_inputs()
-    # trimmed (top 2 of 4): (3,0,2,0), (-2,4,0,0), (-4,0,5,0); sums (-3,4,7,0)
+    # the TIES authors' trim: threshold = the (4 - int(0.5 * 4)) = 2nd smallest magnitude, so
+    # int(d * n) + 1 = 3 of 4 values survive: (3,-1,2,0), (-2,4,-1,0), (-4,0,5,0.3);
+    # column sums (-3, 3, 6, 0.3) elect (-, +, +, +)
     mean = merge(pretrained, finetuned, "ties", density=0.5, scaling=0.5)
-    assert torch.equal(mean["w"], t(-1.5, 2.0, 1.75, 0.0))  # 0.5 * (-3, 4, 3.5, 0)
+    assert torch.equal(mean["w"], t(-1.5, 2.0, 1.75, 0.15))  # 0.5 * (-3, 4, 3.5, 0.3)
     total = merge(pretrained, finetuned, "ties", density=0.5, merge_rule="sum")
-    assert torch.equal(total["w"], t(-6.0, 4.0, 7.0, 0.0))
+    assert torch.equal(total["w"], t(-6.0, 4.0, 7.0, 0.3))
+    largest = merge(pretrained, finetuned, "ties", density=0.5, merge_rule="max")
+    assert torch.equal(largest["w"], t(-4.0, 4.0, 5.0, 0.3))
     per_tensor = merge(pretrained, finetuned, "ties", density=0.5, trim_scope="tensor")
-    assert torch.equal(per_tensor["w"], t(-3.0, 4.0, 3.5, 0.0))
+    assert torch.equal(per_tensor["w"], t(-3.0, 4.0, 3.5, 0.3))
 
 
 def test_ties_zero_sum_takes_the_majority_sign() -> None:
@@ -264,36 +268,45 @@ def test_ties_zero_sum_takes_the_majority_sign() -> None:
     negative = [{"a": -sd["a"], "b": sd["b"]} for sd in finetuned]
     out = merge(pretrained, negative, "ties", density=1.0, merge_rule="sum")
     assert torch.equal(out["b"], t(8.0)) and torch.equal(out["a"], t(-2.0, -2.0, -2.0))
-    # equally many + and - coordinates: the tie goes to +
+    # equally many + and - coordinates: the majority sign is 0, and (as in the reference's
+    # torch.where(sign > 0, v > 0, v < 0)) a sign of 0 selects the negative values
     balanced = [{"a": t(1.0, -1.0, 0.0), "b": t(12.0)}, {"a": t(1.0, -1.0, 0.0), "b": t(8.0)}]
     out = merge(pretrained, balanced, "ties", density=1.0, trim_scope="tensor")
-    assert torch.equal(out["b"], t(12.0)) and torch.equal(out["a"], t(1.0, -1.0, 0.0))
+    assert torch.equal(out["b"], t(8.0)) and torch.equal(out["a"], t(1.0, -1.0, 0.0))
+    out = merge(pretrained, balanced, "ties", density=1.0, merge_rule="max")
+    assert torch.equal(out["b"], t(10.0))  # max magnitude times a sign of 0
 
 
 def test_ties_global_and_per_tensor_trimming_differ() -> None:
     pretrained = {"big": torch.zeros(4), "small": torch.zeros(4)}
     finetuned = [{"big": t(10.0, -9.0, 8.0, 7.0), "small": t(0.1, 0.2, -0.3, 0.4)}]
+    # global: 5 of 8 survive (threshold: the 4th smallest of all, 0.4)
     global_ = merge(pretrained, finetuned, "ties", density=0.5)
     assert torch.equal(global_["big"], t(10.0, -9.0, 8.0, 7.0))
-    assert torch.equal(global_["small"], torch.zeros(4))
+    assert torch.equal(global_["small"], t(0.0, 0.0, 0.0, 0.4))
+    # per tensor: 3 of 4 survive in each
     local = merge(pretrained, finetuned, "ties", density=0.5, trim_scope="tensor")
-    assert torch.equal(local["big"], t(10.0, -9.0, 0.0, 0.0))
-    assert torch.equal(local["small"], t(0.0, 0.0, -0.3, 0.4))
+    assert torch.equal(local["big"], t(10.0, -9.0, 8.0, 0.0))
+    assert torch.equal(local["small"], t(0.0, 0.2, -0.3, 0.4))
 
 
 def test_ties_keeps_every_value_tied_with_the_threshold() -> None:
     pretrained = {"w": torch.zeros(5)}
     finetuned = [{"w": t(1.0, -2.0, 2.0, 2.0, 0.5)}]
-    # k = round(0.4 * 5) = 2, 2nd largest magnitude is 2: all three 2s are kept
-    out = merge(pretrained, finetuned, "ties", density=0.4)
+    # threshold: the (5 - int(0.2 * 5)) = 4th smallest magnitude, 2; without ties 2 values would
+    # survive, here all three 2s do
+    out = merge(pretrained, finetuned, "ties", density=0.2)
     assert torch.equal(out["w"], t(0.0, -2.0, 2.0, 2.0, 0.0))
 
 
 def test_keep_count() -> None:
-    assert keep_count(0.2, 10) == 2
-    assert keep_count(0.25, 10) == 3  # 2.5 rounds half up
-    assert keep_count(0.01, 10) == 1  # at least one
-    assert keep_count(1.0, 7) == 7
+    assert keep_count(0.2, 10) == 3  # int(d * n) + 1
+    assert keep_count(0.25, 10) == 3  # int(2.5) + 1
+    assert (
+        keep_count(0.3, 10) == 4
+    )  # 0.3 * 10 = 3.0000000000000004: int() gives 3, as the reference
+    assert keep_count(0.01, 10) == 1  # the largest value always survives
+    assert keep_count(1.0, 7) == 7  # everything
 
 
 def _random_models(
@@ -322,7 +335,7 @@ def _random_models(
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 @pytest.mark.parametrize("grid", [False, True])
 @pytest.mark.parametrize("density", [0.05, 0.2, 0.5, 1.0])
-@pytest.mark.parametrize("rule", ["mean", "sum"])
+@pytest.mark.parametrize("rule", ["mean", "sum", "max"])
 def test_global_ties_matches_flat_reference_exactly(
     dtype: torch.dtype, grid: bool, density: float, rule: str
 ) -> None:
@@ -437,7 +450,7 @@ def test_dare_without_dropping_is_its_base() -> None:
         ("ties", {"density": 0.0}, r"'density'.*in \(0, 1\], got 0.0"),
         ("ties", {"density": 1.5}, r"'density'.*in \(0, 1\]"),
         ("ties", {"trim_scope": "layer"}, r"'trim_scope'.*'global', 'tensor'"),
-        ("ties", {"merge_rule": "max"}, r"'merge_rule'.*'mean', 'sum'"),
+        ("ties", {"merge_rule": "median"}, r"'merge_rule'.*'mean', 'sum', 'max'"),
         ("dare", {"drop_rate": 1.0}, r"'drop_rate'.*in \[0, 1\), got 1.0"),
         ("dare", {"seed": 1.5}, r"'seed'.*an integer"),
         ("dare", {"base": "average"}, r"'base'.*'task_arithmetic', 'ties'"),
@@ -463,7 +476,7 @@ def test_unknown_method_lists_known_ones() -> None:
 def test_dare_accepts_its_base_options() -> None:
     pretrained, finetuned = ties_inputs()
     out = merge(pretrained, finetuned, "dare", drop_rate=0.0, base="ties", density=0.5, scaling=0.5)
-    assert torch.equal(out["w"], t(-1.5, 2.0, 1.75, 0.0))
+    assert torch.equal(out["w"], t(-1.5, 2.0, 1.75, 0.15))
 
 
 def test_register_custom_method() -> None:

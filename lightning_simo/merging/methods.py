@@ -242,8 +242,17 @@ def _validate(
 
 
 def keep_count(density: float, n: int) -> int:
-    """How many of ``n`` coordinates TIES keeps: ``density * n`` rounded half up, at least 1."""
-    return max(1, min(n, int(density * n + 0.5)))
+    """The rank, counted from the largest, of the magnitude TIES trims at among ``n``.
+
+    The TIES authors' ``topk_values_mask`` (kept by FusionBench's ``ties_merging_utils``) takes
+    the ``(n - int(density * n))``-th smallest magnitude as the threshold and keeps every value at
+    or above it: that is the ``int(density * n) + 1``-th largest, so ``int(density * n) + 1``
+    values survive when no magnitudes tie. ``density = 1`` keeps everything (the reference's
+    ``kthvalue(0)`` would fail there). Note that mergekit's ``magnitude`` sparsification keeps
+    exactly ``int(density * n)`` values per tensor instead (an ``argsort``, ties broken by
+    position); this engine follows the TIES authors.
+    """
+    return min(n, int(density * n) + 1)
 
 
 def _accumulate(values: Iterable[Tensor]) -> Tensor:
@@ -447,13 +456,30 @@ def _task_arithmetic(inputs: MergeInputs, options: Mapping[str, Any]) -> dict[st
 
 
 def _disjoint(trimmed: Sequence[Tensor], elected: Tensor, rule: str) -> Tensor:
-    """Mean (or sum) of the trimmed values whose sign equals ``elected``; 0 where none agree."""
-    agree = [value * elected > 0 for value in trimmed]
+    """Mean, sum or signed max magnitude of the trimmed values that agree with ``elected``.
+
+    A value agrees when it is positive where ``elected > 0`` and negative elsewhere (the
+    reference's ``torch.where(sign > 0, v > 0, v < 0)``, which also decides an elected sign of
+    0); 0 where none agree. ``max`` is the largest agreeing magnitude times ``elected``.
+    """
+    positive = elected > 0
+    agree = [torch.where(positive, value > 0, value < 0) for value in trimmed]
+    if rule == "max":
+        largest = _maximum(torch.where(a, v.abs(), 0.0) for a, v in zip(agree, trimmed))
+        return largest.mul_(elected)
     total = _accumulate(torch.where(a, v, 0.0) for a, v in zip(agree, trimmed))
     if rule == "sum":
         return total
     count = _accumulate(a.to(total.dtype) for a in agree)
     return total.div_(count.clamp_(min=1))
+
+
+def _maximum(values: Iterable[Tensor]) -> Tensor:
+    iterator = iter(values)
+    result = next(iterator).clone()
+    for value in iterator:
+        torch.maximum(result, value, out=result)
+    return result
 
 
 def _ties(inputs: MergeInputs, options: Mapping[str, Any]) -> dict[str, Tensor]:
@@ -465,10 +491,15 @@ def _ties(inputs: MergeInputs, options: Mapping[str, Any]) -> dict[str, Tensor]:
       the paper's code), ``"tensor"`` ranks within each tensor.
     * elect: the sign of ``sum_t trimmed_t`` per coordinate. Where that sum is exactly zero, the
       overall majority sign is used: the sign of the sum of the elected signs over all merged
-      coordinates (more positive than negative coordinates -> +1; a tie -> +1). Coordinates
-      whose trimmed values are all zero merge to 0 either way.
-    * disjoint merge: mean (``merge_rule="mean"``) or sum (``"sum"``) of the trimmed values
-      that carry the elected sign. Result: ``theta_0 + scaling * merged``.
+      coordinates (more positive than negative coordinates -> +1; an exact tie -> 0, which, as
+      in the reference code, then selects the negative values). Coordinates whose trimmed values
+      are all zero merge to 0 either way.
+    * disjoint merge: mean (``merge_rule="mean"``), sum (``"sum"``) or largest magnitude times
+      the elected sign (``"max"``) of the trimmed values that carry the elected sign. Result:
+      ``theta_0 + scaling * merged``.
+
+    Equal, bit for bit, to FusionBench's ``ties_merging`` (``topk_values_mask``,
+    ``resolve_sign``, ``disjoint_merge``) on the flattened task vectors with global trimming.
 
     The majority sign is only known after every coordinate was elected, so coordinates with a
     zero sum but non-zero trimmed values (exact cancellations, rare) are remembered and patched
@@ -503,7 +534,8 @@ def _ties(inputs: MergeInputs, options: Mapping[str, Any]) -> dict[str, Tensor]:
             if where.numel():
                 pending.append((key, where, [t.reshape(-1)[where] for t in trimmed]))
         out[key] = inputs.scaled(key, _disjoint(trimmed, elected, rule), scaling)
-    majority = 1.0 if positive >= negative else -1.0
+    # the reference's sign of the summed elected signs: 0 when they balance exactly
+    majority = float((positive > negative) - (positive < negative))
     for key, where, values in pending:
         out[key] = out[key].contiguous()
         elected = torch.full_like(values[0], majority)
@@ -547,7 +579,7 @@ _TIES_OPTIONS = {
     "density": Option(0.2, _density),
     "scaling": Option(1.0, _non_negative),
     "trim_scope": Option("global", _choice("global", "tensor")),
-    "merge_rule": Option("mean", _choice("mean", "sum")),
+    "merge_rule": Option("mean", _choice("mean", "sum", "max")),
 }
 _DARE_OPTIONS = {
     "drop_rate": Option(0.9, _drop_rate),
