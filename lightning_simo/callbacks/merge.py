@@ -34,6 +34,7 @@ from lightning_simo.merging.search import (
     search_scaling,
 )
 from lightning_simo.merging.sources import Sources, load_sources
+from lightning_simo.merging.statistics import STATISTICS, gather_statistics
 
 __all__ = ["DEFAULT_ALPHA_GRID", "MergeCallback"]
 
@@ -183,8 +184,14 @@ class MergeCallback(L.Callback):
         # weights (and α) will come from a checkpoint: skip the search. The CLI sets
         # `restoring` when --ckpt_path is given, since Lightning knows the path only after setup.
         resuming = self.restoring or getattr(trainer, "ckpt_path", None) is not None
-        scaled = "scaling" in MERGE_METHODS.get(self.method).normalise(self.method_options)
-        direction = self._merge_direction(sources.theta0, sources.finetuned, scaled)
+        spec = MERGE_METHODS.get(self.method)
+        options = spec.normalise(self.method_options)
+        scaled = "scaling" in options
+        wanted = [name for name in STATISTICS if name in spec.options]
+        statistics = (
+            self._statistics(trainer, pl_module, sources, wanted, options) if wanted else {}
+        )
+        direction = self._merge_direction(sources.theta0, sources.finetuned, scaled, statistics)
         if not scaled:
             alpha = None
         elif self.scaling == "search" and not resuming:
@@ -210,15 +217,46 @@ class MergeCallback(L.Callback):
         theta0: Mapping[str, Tensor],
         finetuned: Sequence[Mapping[str, Tensor]],
         scaled: bool,
+        statistics: Mapping[str, Any],
     ) -> dict[str, Tensor]:
         """θ(1) - θ0 of the method. A method with a ``scaling`` option is linear in it (θ0 +
         α·τ_merged), so one merge at α = 1 serves the whole search."""
-        options = dict(self.method_options)
+        options = {**self.method_options, **statistics}
         if scaled:
             options["scaling"] = 1.0
         bn = "pretrained" if self.bn_stats == "reestimate" else self.bn_stats
         merged = merge(theta0, finetuned, self.method, bn_stats=bn, progress=True, **options)
         return task_vector(theta0, merged)
+
+    def _statistics(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        sources: Sources,
+        wanted: Sequence[str],
+        options: Mapping[str, Any],
+    ) -> dict[str, Any]:
+        """What a data-based method asks for (its options named in ``STATISTICS``), gathered on
+        training images through each task's own fine-tuned model."""
+        dm = trainer.datamodule
+        if dm is None or not hasattr(dm, "loader"):
+            raise ValueError(
+                f"merge method {self.method!r} gathers statistics on training images: it needs a "
+                "DenseDataModule."
+            )
+        device = trainer.strategy.root_device
+        pl_module.to(device)
+        devices = [device] if device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            return gather_statistics(
+                wanted,
+                pl_module.net,
+                pl_module.task_specs,
+                sources.finetuned,
+                lambda: dm.loader(dm.train_split),
+                int(options.get("samples", 256)),
+                device,
+            )
 
     def _search(
         self,
@@ -266,7 +304,11 @@ class MergeCallback(L.Callback):
             values = evaluate_net(net, loader, tasks, device, self.search_batches)
             return mean_normalized_performance(values, self.baseline, tasks)
 
-        result = search_scaling(score, self.search_grid, cache=cache, key=key, context=context)
+        # evaluation draws from the global RNG (data loader seeds): fork it, so that training
+        # afterwards is the same whether the scores were evaluated or read from the cache
+        devices = [device] if device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            result = search_scaling(score, self.search_grid, cache=cache, key=key, context=context)
         self.search_scores = dict(result.scores)
         # every rank searched the same data deterministically; rank 0's choice is authoritative
         best = float(trainer.strategy.broadcast(result.best, src=0))

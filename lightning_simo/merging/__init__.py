@@ -3,6 +3,7 @@
 >>> merged = merge(theta0, [theta_seg, theta_depth], "ties", density=0.2, scaling=1.0)
 """
 
+from lightning_simo.merging import data_based  # noqa: F401  (registers regmean, fisher)
 from lightning_simo.merging.methods import (
     BN_STATS_POLICIES,
     MERGE_METHODS,
