@@ -191,3 +191,40 @@ def test_a_new_mode_is_one_registration() -> None:
         assert trainable and all(n.startswith("heads.") for n in trainable)
     finally:
         REALIGN_MODES.unregister("_test_heads_only")
+
+
+# ----------------------------------------------------------------------------- TIES threshold
+@pytest.mark.parametrize("sample", [3, 16, 64])
+@pytest.mark.parametrize("margin", [0.0, 0.002])
+def test_sampled_ties_threshold_is_exact_whatever_the_sample(monkeypatch, sample, margin) -> None:  # noqa: ANN001
+    """Small samples bracket the threshold badly (the radix fallback decides) or well (one
+    counting pass); the merge equals the flattened reference either way."""
+    import importlib.util
+    from pathlib import Path
+
+    import lightning_simo.merging.methods as methods
+
+    spec = importlib.util.spec_from_file_location(
+        "merge_speed_reference",
+        Path(__file__).resolve().parents[1] / "benchmarks" / "merge_speed.py",
+    )
+    reference = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(reference)
+    monkeypatch.setattr(methods, "_SAMPLE", sample)
+    monkeypatch.setattr(methods, "_SAMPLE_MARGIN", margin)
+    gen = torch.Generator().manual_seed(sample)
+    shapes = {"a": (40, 30), "b": (30,), "c": (7, 3, 2, 2)}
+    for scale in (1.0, 1e-3):
+        theta0 = {k: torch.randn(s, generator=gen) for k, s in shapes.items()}
+        finetuned = [
+            {
+                k: v + scale * torch.randn(v.shape, generator=gen) * (1 + 10 * (k == "a"))
+                for k, v in theta0.items()
+            }
+            for _ in range(3)
+        ]
+        for density in (0.05, 0.2, 0.9):
+            got = merge(theta0, finetuned, "ties", density=density, scaling=0.5)
+            want = reference.reference_ties_flat(theta0, finetuned, density, 0.5)
+            for key in shapes:
+                assert torch.equal(got[key], want[key]), (key, density, scale)

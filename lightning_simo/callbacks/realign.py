@@ -24,6 +24,7 @@ from lightning_simo.merging.sources import Sources
 from lightning_simo.models.adapters import add_adapters
 from lightning_simo.models.encoders import Encoder, EncoderOutput
 from lightning_simo.models.simo import SIMONet
+from lightning_simo.modules.surgery import SurgeryModule
 from lightning_simo.modules.tinting import TintingModule
 from lightning_simo.registry import Registry
 
@@ -162,6 +163,10 @@ def _tinting(tint_heads: bool) -> Callable[[L.LightningModule, Sources, RealignS
     return configure
 
 
+def _surgery(module: L.LightningModule, sources: Sources, settings: RealignSettings) -> None:
+    module.configure_surgery(sources.finetuned)
+
+
 REALIGN_MODES.register("none", RealignMode("nothing (evaluate the merged model)", trains=False))
 REALIGN_MODES.register(
     "heads", RealignMode("the task heads", heads=True, configure=_cache_features)
@@ -186,5 +191,13 @@ REALIGN_MODES.register(
         "layer-wise merge coefficients, label-free",
         module_class=TintingModule,
         configure=_tinting(False),
+    ),
+)
+REALIGN_MODES.register(
+    "surgery",
+    RealignMode(
+        "per-task representation surgery after the merged encoder, label-free",
+        module_class=SurgeryModule,
+        configure=_surgery,
     ),
 )
