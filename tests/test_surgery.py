@@ -22,33 +22,21 @@ TASKS = ("segmentation", "depth")
 HEAD = {"kind": "linear", "upsample": 4}
 
 
+SIZES = {"num_train": 16, "num_val": 8, "num_test": 8, "height": 32, "width": 40}
+
+
 def _data() -> SyntheticDataModule:
-    return SyntheticDataModule(
-        tasks=list(TASKS),
-        num_train=16,
-        num_val=8,
-        num_test=8,
-        height=32,
-        width=40,
-        batch_size=8,
-        augment=False,
-    )
+    return SyntheticDataModule(tasks=list(TASKS), batch_size=8, augment=False, **SIZES)
+
+
+QUIET = {"logger": False, "enable_checkpointing": False, "enable_progress_bar": False}
 
 
 def _trainer(root: Path, **kwargs: Any) -> L.Trainer:
-    options = dict(
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        default_root_dir=root,
-        limit_val_batches=0,
-    )
-    options.update(kwargs)
-    return L.Trainer(**options)
+    """A quiet CPU trainer without validation (surgery trains on its own targets)."""
+    options: dict[str, Any] = {"accelerator": "cpu", "devices": 1, **QUIET}
+    options.update(enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0)
+    return L.Trainer(default_root_dir=root, **{**options, **kwargs})
 
 
 @pytest.fixture(scope="module")
