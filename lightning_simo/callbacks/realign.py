@@ -154,13 +154,12 @@ def _cache_features(module: L.LightningModule, sources: Sources, settings: Reali
         module.feature_source = FeatureCache(module.net.encoder)
 
 
-def _tinting(tint_heads: bool) -> Callable[[L.LightningModule, Sources, RealignSettings], None]:
-    def configure(module: L.LightningModule, sources: Sources, settings: RealignSettings) -> None:
-        module.configure_tinting(
-            sources.theta0, sources.finetuned, dict(sources.heads), tint_heads=tint_heads
-        )
+def _tinting(module: L.LightningModule, sources: Sources, settings: RealignSettings) -> None:
+    module.configure_tinting(sources.theta0, sources.finetuned, dict(sources.heads), True)
 
-    return configure
+
+def _adamerging(module: L.LightningModule, sources: Sources, settings: RealignSettings) -> None:
+    module.configure_tinting(sources.theta0, sources.finetuned, dict(sources.heads), False)
 
 
 def _surgery(module: L.LightningModule, sources: Sources, settings: RealignSettings) -> None:
@@ -182,7 +181,7 @@ REALIGN_MODES.register(
     RealignMode(
         "layer-wise merge coefficients and one layer of each head, label-free",
         module_class=TintingModule,
-        configure=_tinting(True),
+        configure=_tinting,
     ),
 )
 REALIGN_MODES.register(
@@ -190,7 +189,7 @@ REALIGN_MODES.register(
     RealignMode(
         "layer-wise merge coefficients, label-free",
         module_class=TintingModule,
-        configure=_tinting(False),
+        configure=_adamerging,
     ),
 )
 REALIGN_MODES.register(
