@@ -4,7 +4,7 @@ Three fine-tuned copies of a ViT encoder (random weights: timm ``vit_base_patch1
 parameters, or ``vit_small_patch14_dinov2`` with ``--size small``) are merged with task
 arithmetic and with TIES (global trimming, density 0.2) by
 
-* the engine (``lightning_simo.merging.merge``: tensor by tensor, radix-select thresholds), and
+* the engine (``lightning_simo.merging.merge``: tensor by tensor, thresholds from a sampled bracket and one counting pass), and
 * the straightforward reference below: concatenate every task vector into an
   ``(n_tasks x n_params)`` matrix, ``kthvalue`` per row, then whole-matrix arithmetic.
 

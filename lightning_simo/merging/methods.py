@@ -5,7 +5,8 @@ dicts describe the same architecture, and runs a registered method. Methods work
 tensor: no step ever builds an ``(n_tasks x n_params)`` matrix or concatenates a whole model, so
 merging three ViT-B encoders needs little more than the inputs and the output in memory. Global
 TIES trimming, which ranks magnitudes over the whole model, finds each task vector's exact
-threshold with a radix select over the float bit patterns (two counting passes for float32).
+threshold in one counting pass bracketed by a strided sample (a radix select over the float bit
+patterns decides when the bracket misses).
 
 Numerics follow :mod:`lightning_simo.merging.task_vectors` (the one casting rule and the one
 ``theta_0 + alpha * tau``): everything is computed in float32 (float64 if an input tensor is
