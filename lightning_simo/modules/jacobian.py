@@ -30,26 +30,42 @@ def task_jacobian(losses: Tensor, inputs: Sequence[Tensor], chunk: int = 1) -> T
     """The (T, P) float32 jacobian of the (T,) ``losses`` with respect to ``inputs``.
 
     ``chunk`` rows are computed per backward call: 1 is a plain loop (least memory); more uses
-    ``is_grads_batched`` (vmap over the backward), faster where every op supports it. The graph
-    is retained for the caller's final backward.
+    ``is_grads_batched`` (vmap over the backward), faster where every op has a batching rule;
+    where one does not, the rows fall back to the loop instead of failing. The graph is
+    retained for the caller's final backward.
     """
     count = losses.numel()
     size = sum(p.numel() for p in inputs)
     out = torch.empty(count, size, dtype=torch.float32, device=losses.device)
     eye = torch.eye(count, dtype=losses.dtype, device=losses.device)
+    batched = chunk > 1
     for start in range(0, count, chunk):
         rows = eye[start : start + chunk]
-        if rows.shape[0] == 1:
-            grads = torch.autograd.grad(
-                losses, inputs, rows[0], retain_graph=True, allow_unused=True
-            )
-            out[start] = flat_grads(grads, inputs)
-            continue
-        grads = torch.autograd.grad(
-            losses, inputs, rows, retain_graph=True, allow_unused=True, is_grads_batched=True
-        )
+        if batched and rows.shape[0] > 1:
+            try:
+                grads = torch.autograd.grad(
+                    losses,
+                    inputs,
+                    rows,
+                    retain_graph=True,
+                    allow_unused=True,
+                    is_grads_batched=True,
+                )
+            except (RuntimeError, NotImplementedError):
+                # an op without a batching rule (TorchJD issue #154's "Cannot access storage
+                # of BatchedTensorImpl"): rows one at a time from here on
+                batched = False
+            else:
+                for i in range(rows.shape[0]):
+                    out[start + i] = flat_grads(
+                        [None if g is None else g[i] for g in grads], inputs
+                    )
+                continue
         for i in range(rows.shape[0]):
-            out[start + i] = flat_grads([None if g is None else g[i] for g in grads], inputs)
+            grads = torch.autograd.grad(
+                losses, inputs, rows[i], retain_graph=True, allow_unused=True
+            )
+            out[start + i] = flat_grads(grads, inputs)
     return out
 
 

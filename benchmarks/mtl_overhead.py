@@ -1,0 +1,226 @@
+"""Per-step time and peak memory of every joint-MTL weighting, relative to ``equal``.
+
+Each measurement trains ``JointMTLModule`` under ``Trainer.fit`` on one fixed three-task batch
+(segmentation, depth, normals) for ``--warmup`` untimed and ``--steps`` timed steps, in a fresh
+process, so that the peak memory of one method is not inherited by the next:
+
+* time: mean wall time of a timed step (device synchronised);
+* peak memory: on CUDA ``max_memory_allocated`` during the steps; on CPU the process's peak
+  resident set during the steps minus its resident set before the first step (the model, the
+  batch and the libraries are the baseline).
+
+Gradient aggregators are measured with ``jacobian_of: parameters`` (the (T, P) jacobian of the
+encoder) and ``features`` (the jacobian of the features the heads read); loss weightings have
+one row. The table is Markdown, ready for docs/mtl.md.
+
+Usage::
+
+    python benchmarks/mtl_overhead.py                       # the synthetic configs' encoder
+    python benchmarks/mtl_overhead.py --size paper --device cuda
+    python benchmarks/mtl_overhead.py --methods equal upgrad pcgrad
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from train_throughput import SIZES, Setup, _quiet, _RepeatedBatch, make_batch  # noqa: E402
+
+from lightning_simo.modules.joint import JointMTLModule  # noqa: E402
+from lightning_simo.weighting import WEIGHTINGS  # noqa: E402
+
+__all__ = ["BENCH_SIZES", "measure"]
+
+TASKS = ("segmentation", "depth", "normals")
+
+#: The synthetic configs' encoder (configs/synthetic/mtl.yaml) beside train_throughput's sizes.
+BENCH_SIZES: dict[str, Setup] = {
+    **SIZES,
+    "synthetic": Setup(
+        encoder={
+            "name": "vit_small_patch16_224",
+            "indices": [1, 2, 4, 5],
+            "model_kwargs": {
+                "patch_size": 8,
+                "embed_dim": 128,
+                "depth": 6,
+                "num_heads": 4,
+                "img_size": [64, 80],
+            },
+        },
+        head={"kind": "linear", "upsample": 4},
+        height=64,
+        width=80,
+        batch_size=8,
+        steps=5,
+        warmup=2,
+    ),
+}
+
+
+def _rss_kib() -> int:
+    with open("/proc/self/status") as handle:
+        for line in handle:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0
+
+
+class _Meter(L.Callback):
+    """Wall time and peak memory over the timed steps."""
+
+    def __init__(self, warmup: int, device: torch.device) -> None:
+        self.warmup, self.device = warmup, device
+        self.start = 0.0
+        self.elapsed = 0.0
+        self.steps = 0
+        self.baseline_kib = 0
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.baseline_kib = _rss_kib()
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
+        if batch_idx >= self.warmup:
+            self._sync()
+            self.start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        if batch_idx >= self.warmup:
+            self._sync()
+            self.elapsed += time.perf_counter() - self.start
+            self.steps += 1
+
+
+def measure(size: str, method: str, jacobian_of: str, device: str, precision: str) -> dict:
+    """One measurement in this process: seconds per step and peak bytes."""
+    setup = BENCH_SIZES[size]
+    dev = torch.device(device)
+    torch.manual_seed(0)
+    module = JointMTLModule(
+        tasks=list(TASKS),
+        num_classes={"segmentation": 13},
+        encoder=setup.encoder,
+        head=setup.head,
+        schedule="constant",
+        weighting=method,
+        jacobian_of=jacobian_of,
+        grad_clip=None,
+    )
+    batch = make_batch(setup, setup.batch_size, dev)
+    total = setup.warmup + setup.steps
+    meter = _Meter(setup.warmup, dev)
+    trainer = L.Trainer(
+        accelerator="cpu" if dev.type == "cpu" else "gpu",
+        devices=1 if dev.type == "cpu" else [dev.index or 0],
+        precision=precision,
+        max_steps=total,
+        max_epochs=1,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        enable_progress_bar=False,
+        logger=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        callbacks=[meter],
+    )
+    trainer.fit(module, train_dataloaders=_RepeatedBatch(batch, total))
+    if dev.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(dev)
+    else:
+        peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+        peak = max(0, peak_kib - meter.baseline_kib) * 1024
+    return {"seconds": meter.elapsed / max(1, meter.steps), "peak_bytes": peak}
+
+
+def _run_child(args: argparse.Namespace, method: str, mode: str) -> dict | None:
+    cmd = [
+        sys.executable,
+        __file__,
+        "--child",
+        method,
+        mode,
+        "--size",
+        args.size,
+        "--device",
+        args.device,
+        "--precision",
+        args.precision,
+    ]
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        print(f"  {method} ({mode}) failed: {proc.stderr.strip().splitlines()[-1:]}", flush=True)
+        return None
+    return json.loads(lines[-1])
+
+
+def _methods(requested: list[str] | None) -> list[str]:
+    names = requested or WEIGHTINGS.names()
+    return ["equal", *[n for n in names if n != "equal"]]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--size", choices=sorted(BENCH_SIZES), default="synthetic")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--precision", default="32-true", help="Trainer precision")
+    parser.add_argument("--methods", nargs="+", help="weightings to measure (default: all)")
+    parser.add_argument("--child", nargs=2, metavar=("METHOD", "MODE"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    _quiet()
+    if args.child:
+        method, mode = args.child
+        print(json.dumps(measure(args.size, method, mode, args.device, args.precision)))
+        return 0
+
+    setup = BENCH_SIZES[args.size]
+    print(
+        f"# {args.size} encoder, batch {setup.batch_size} at {setup.height}x{setup.width}, "
+        f"{args.device}, {args.precision}, {setup.steps} timed steps after {setup.warmup}",
+        flush=True,
+    )
+    results: dict[tuple[str, str], dict[str, Any]] = {}
+    for method in _methods(args.methods):
+        modes = ["parameters", "features"] if WEIGHTINGS.get(method).requires_jacobian else ["-"]
+        for mode in modes:
+            got = _run_child(args, method, "parameters" if mode == "-" else mode)
+            if got is not None:
+                results[(method, mode)] = got
+    base = results.get(("equal", "-"))
+    if base is None:
+        print("equal failed: no reference to compare with")
+        return 1
+    print("\n| method | jacobian_of | ms / step | time vs equal | peak MiB | memory vs equal |")
+    print("|---|---|---|---|---|---|")
+    for (method, mode), got in results.items():
+        ms = 1e3 * got["seconds"]
+        mib = got["peak_bytes"] / 2**20
+        time_ratio = got["seconds"] / base["seconds"]
+        mem_ratio = got["peak_bytes"] / base["peak_bytes"] if base["peak_bytes"] else float("nan")
+        print(
+            f"| {method} | {mode} | {ms:.0f} | {time_ratio:.2f}x | {mib:.0f} | {mem_ratio:.2f}x |"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
