@@ -23,6 +23,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import resource
@@ -109,9 +110,10 @@ class _Meter(L.Callback):
             self.steps += 1
 
 
-def measure(size: str, method: str, jacobian_of: str, device: str, precision: str) -> dict:
+def measure(
+    setup: Setup, method: str, jacobian_of: str, device: str, precision: str
+) -> dict[str, float]:
     """One measurement in this process: seconds per step and peak bytes."""
-    setup = BENCH_SIZES[size]
     dev = torch.device(device)
     torch.manual_seed(0)
     module = JointMTLModule(
@@ -163,6 +165,10 @@ def _run_child(args: argparse.Namespace, method: str, mode: str) -> dict | None:
         args.device,
         "--precision",
         args.precision,
+        "--steps",
+        str(args.steps),
+        "--warmup",
+        str(args.warmup),
     ]
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -184,15 +190,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--precision", default="32-true", help="Trainer precision")
     parser.add_argument("--methods", nargs="+", help="weightings to measure (default: all)")
+    parser.add_argument("--steps", type=int, help="timed steps (default: per size)")
+    parser.add_argument("--warmup", type=int, help="untimed steps first (default: per size)")
     parser.add_argument("--child", nargs=2, metavar=("METHOD", "MODE"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     _quiet()
+    setup = BENCH_SIZES[args.size]
+    args.steps = args.steps or setup.steps
+    args.warmup = args.warmup or setup.warmup
+    setup = dataclasses.replace(setup, steps=args.steps, warmup=args.warmup)
     if args.child:
         method, mode = args.child
-        print(json.dumps(measure(args.size, method, mode, args.device, args.precision)))
+        print(json.dumps(measure(setup, method, mode, args.device, args.precision)))
         return 0
 
-    setup = BENCH_SIZES[args.size]
     print(
         f"# {args.size} encoder, batch {setup.batch_size} at {setup.height}x{setup.width}, "
         f"{args.device}, {args.precision}, {setup.steps} timed steps after {setup.warmup}",
