@@ -463,3 +463,16 @@ def test_bad_options_are_refused() -> None:
     if not HAS_CVXPY:
         with pytest.raises(ValueError, match="nash_mtl.*cvxpy"):
             build_weighting("nash_mtl", ["a", "b"])
+
+
+def test_gramian_weights_match_the_jacobian_path() -> None:
+    """The features path (weights from a Gramian) gives the same weights and cosines."""
+    j, losses = scenario("conflicting", 3, steps=1)[0]
+    from_jacobian = _build_any("imtl", 3)
+    direction = from_jacobian.aggregate(j, losses)
+    from_gramian = _build_any("imtl", 3)
+    weights = from_gramian.gramian_weights(j @ j.T, losses)
+    torch.testing.assert_close(weights @ j, direction, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(
+        from_gramian.last_cosines, from_jacobian.last_cosines, rtol=1e-4, atol=1e-5
+    )

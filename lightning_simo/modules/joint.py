@@ -211,12 +211,20 @@ class JointMTLModule(SIMOModule):
         return total
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        """FAMO: the same batch's losses after the optimiser step (same on every rank)."""
+        """FAMO: the same batch's losses after the optimiser step (same on every rank).
+
+        The extra forward runs in training mode, as LibMTL's, but its BatchNorm statistics are
+        put back: normalisation layers see each batch once, and every DDP rank keeps the
+        statistics DDP synchronised.
+        """
         if not self._update_pending:
             return
         self._update_pending = False
+        saved = [(b, b.clone()) for b in self.net.buffers()]
         with torch.no_grad():
             _, losses = self.task_losses(batch)
+            for buffer, value in saved:
+                buffer.copy_(value)
         self.weighting.update(torch.stack([losses[t].float() for t in self.weighting.tasks]))
 
     def _aggregate_update(self) -> None:

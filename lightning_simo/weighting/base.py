@@ -243,6 +243,10 @@ class GramianWeighting(JacobianWeighting):
         gramian, losses = self._checked(gramian, losses)
         weights = self._weights(gramian, losses).to(gramian)
         self.last_weights.copy_(weights.to(self.last_weights))
+        with torch.no_grad():  # cos(g_t, w @ J) from the Gramian alone
+            inner = gramian @ weights
+            norms = (gramian.diagonal() * (weights @ inner)).clamp_min(0).sqrt()
+            self.last_cosines.copy_((inner / norms.clamp_min(1e-12)).to(self.last_cosines))
         return weights
 
     def _direction(self, jacobian: Tensor, losses: Tensor) -> Tensor:
