@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import copy
 import itertools
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from importlib.util import find_spec
 
 import numpy as np
@@ -20,6 +20,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from scipy.optimize import minimize
+from test_weighting import _single_thread  # noqa: F401 - the toys run on one thread
 from torch import Tensor
 from torchjd import aggregation as jd
 
@@ -38,14 +39,6 @@ STEPS = 3
 P = 24
 HAS_CVXPY = find_spec("cvxpy") is not None and find_spec("ecos") is not None
 TORCHJD_GRAMIAN = ["upgrad", "dualproj", "imtl", "aligned_mtl", "fairgrad", "mgda"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def scenario(

@@ -13,7 +13,6 @@ Run directly, this file is the worker: ``python tests/test_ddp_aggregators.py OU
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 import traceback
 from pathlib import Path
@@ -25,7 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from conftest import TINY_VIT  # noqa: E402
-from test_ddp import WORLD_SIZE, _assert_same_state, _cpu_state, _free_port  # noqa: E402
+from test_ddp import WORLD_SIZE, _assert_same_state, _cpu_state, _launch  # noqa: E402
 
 from lightning_simo.data.synthetic import SyntheticDataModule  # noqa: E402
 from lightning_simo.modules.joint import JointMTLModule  # noqa: E402
@@ -101,36 +100,7 @@ def _worker(argv: list[str]) -> None:
 @pytest.fixture(scope="module")
 def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("ddp_aggregators")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "TORCHELASTIC_"))}
-    env.update(
-        {
-            "MASTER_ADDR": "127.0.0.1",
-            "MASTER_PORT": str(_free_port()),
-            "NODE_RANK": "0",
-            "WORLD_SIZE": str(WORLD_SIZE),
-            "OMP_NUM_THREADS": "1",
-            "PYTHONWARNINGS": "ignore",
-        }
-    )
-    procs = []
-    for rank in range(WORLD_SIZE):
-        log = open(root / f"worker{rank}.log", "w")  # noqa: SIM115 - closed below
-        cmd = [sys.executable, __file__, str(root), *CASES]
-        procs.append(
-            (
-                subprocess.Popen(
-                    cmd, env={**env, "LOCAL_RANK": str(rank)}, stdout=log, stderr=subprocess.STDOUT
-                ),
-                log,
-            )
-        )
-    for proc, log in procs:
-        try:
-            proc.wait(timeout=TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            for other, _ in procs:
-                other.kill()
-        log.close()
+    _launch(root, list(CASES), script=__file__, timeout=TIMEOUT_S)
     return root
 
 

@@ -17,7 +17,8 @@ from typing import Any
 import lightning as L
 import pytest
 import torch
-from conftest import TINY_VIT
+from test_joint import _module as joint_module
+from test_joint import _trainer as joint_trainer
 from torch import Tensor
 
 from lightning_simo.data.synthetic import SyntheticDataModule
@@ -44,32 +45,11 @@ def _data(batch_size: int = 4) -> SyntheticDataModule:
 
 
 def _module(weighting: str, **kwargs: Any) -> JointMTLModule:
-    kwargs.setdefault("lr", 1e-3)
-    kwargs.setdefault("encoder", {**TINY_VIT, "model_kwargs": dict(TINY_VIT["model_kwargs"])})
-    return JointMTLModule(
-        tasks=TASKS,
-        num_classes={"segmentation": 8},
-        head={"kind": "linear"},
-        weighting=weighting,
-        schedule="constant",
-        **kwargs,
-    )
+    return joint_module(weighting, schedule="constant", **kwargs)
 
 
 def _trainer(tmp_path: Path, **kwargs: Any) -> L.Trainer:
-    options: dict[str, Any] = {
-        "accelerator": "cpu",
-        "max_steps": 2,
-        "logger": False,
-        "enable_checkpointing": False,
-        "enable_progress_bar": False,
-        "enable_model_summary": False,
-        "num_sanity_val_steps": 0,
-        "limit_val_batches": 0,
-        "default_root_dir": tmp_path,
-    }
-    options.update(kwargs)
-    return L.Trainer(**options)
+    return joint_trainer(tmp_path, **{"max_steps": 2, "limit_val_batches": 0, **kwargs})
 
 
 class _GradRecorder(L.Callback):

@@ -31,6 +31,8 @@ STATEFUL = [
 @pytest.mark.parametrize(("weighting", "state"), STATEFUL)
 def test_resume_stateful_weighting(weighting: str, state: list[str], tmp_path: Path) -> None:
     config = tiny_config(tmp_path, TASKS, model={"weighting": weighting})
+    # augmentation resumes exactly only in loader workers (see tests/test_resume.py)
+    config["data"]["init_args"]["num_workers"] = 1
     reference, resumed, start = kill_and_resume(tmp_path, "mtl.yaml", config)
     assert_same_run(reference, resumed, start)
     for key in state:

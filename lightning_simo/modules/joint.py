@@ -320,20 +320,23 @@ class JointMTLModule(SIMOModule):
         self.weighting.on_epoch_end(dict(zip(self.weighting.tasks, averages)))
 
     def on_validation_epoch_start(self) -> None:
-        self._share_buffers_of_rank_zero()
+        if not self.automatic_optimization:
+            self._share_buffers_of_rank_zero()
 
     def on_train_end(self) -> None:
         self._share_buffers_of_rank_zero()
 
     def _share_buffers_of_rank_zero(self) -> None:
-        """Give every rank rank 0's buffers (BatchNorm statistics) under manual optimisation.
+        """Give every rank rank 0's buffers (BatchNorm statistics).
 
         DDP broadcasts buffers at the start of a forward only when the previous forward was
         followed by DDP's own backward; Lightning runs the manual backward inside DDP's forward,
-        so with GradNorm each rank would keep its own running statistics and validate (and end
-        the fit with) a different model. Automatic optimisation gets this from DDP itself.
+        so with GradNorm or an aggregator each rank would keep its own running statistics and
+        validate with a different model (automatic optimisation gets this from DDP itself). At
+        the end of a fit every mode needs it: the last training forward updated each rank's
+        statistics from its own batch, and no DDP forward follows to re-synchronise them.
         """
-        if self.automatic_optimization or self.trainer.world_size < 2:
+        if self.trainer.world_size < 2:
             return
         if not torch.distributed.is_available() or not torch.distributed.is_initialized():
             return

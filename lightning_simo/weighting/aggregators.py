@@ -54,16 +54,16 @@ def gramian_root(gramian: Tensor) -> Tensor:
     return (vectors * values.clamp_min(0).sqrt()).to(gramian.dtype)
 
 
-@register_weighting("upgrad")
-class UPGrad(GramianWeighting):
-    """UPGrad (Quinton & Rey 2024): every task gradient projected onto the dual cone of all of
-    them, then averaged; the direction never conflicts with any task.
+class _DualConeMethod(GramianWeighting):
+    """TorchJD's dual-cone aggregators, with the projector chosen by :func:`default_projector`.
 
     Args:
         norm_eps, reg_eps: the projector's Gramian normalisation floor and diagonal
             regularisation (TorchJD's and LibMTL's defaults, 1e-4).
     """
 
+    _torchjd: ClassVar[type]
+
     def __init__(
         self,
         tasks: Sequence[str],
@@ -72,29 +72,27 @@ class UPGrad(GramianWeighting):
         reg_eps: float = 1e-4,
     ) -> None:
         super().__init__(tasks, task_types)
-        _hold(self, "_jd", jd.UPGradWeighting(projector=default_projector(norm_eps, reg_eps)))
+        _hold(self, "_jd", self._torchjd(projector=default_projector(norm_eps, reg_eps)))
 
     def _weights(self, gramian: Tensor, losses: Tensor) -> Tensor:
         return self._jd(gramian)
+
+
+@register_weighting("upgrad")
+class UPGrad(_DualConeMethod):
+    """UPGrad (Quinton & Rey 2024): every task gradient projected onto the dual cone of all of
+    them, then averaged; the direction never conflicts with any task. Options: ``norm_eps``,
+    ``reg_eps``."""
+
+    _torchjd = jd.UPGradWeighting
 
 
 @register_weighting("dualproj")
-class DualProj(GramianWeighting):
+class DualProj(_DualConeMethod):
     """DualProj: the mean gradient projected onto the dual cone of the task gradients (GEM's
-    projection, as in TorchJD). Options as :class:`UPGrad`."""
+    projection, as in TorchJD). Options: ``norm_eps``, ``reg_eps``."""
 
-    def __init__(
-        self,
-        tasks: Sequence[str],
-        task_types: Mapping[str, str] | None = None,
-        norm_eps: float = 1e-4,
-        reg_eps: float = 1e-4,
-    ) -> None:
-        super().__init__(tasks, task_types)
-        _hold(self, "_jd", jd.DualProjWeighting(projector=default_projector(norm_eps, reg_eps)))
-
-    def _weights(self, gramian: Tensor, losses: Tensor) -> Tensor:
-        return self._jd(gramian)
+    _torchjd = jd.DualProjWeighting
 
 
 @register_weighting("pcgrad")
