@@ -1,13 +1,15 @@
 """Per-step time and peak memory of every joint-MTL weighting, relative to ``equal``.
 
 Each measurement trains ``JointMTLModule`` under ``Trainer.fit`` on one fixed three-task batch
-(segmentation, depth, normals) for ``--warmup`` untimed and ``--steps`` timed steps, in a fresh
-process, so that the peak memory of one method is not inherited by the next:
+(segmentation, depth, normals) for ``--warmup`` untimed and ``--steps`` timed steps:
 
 * time: mean wall time of a timed step (device synchronised);
-* peak memory: on CUDA ``max_memory_allocated`` during the steps; on CPU the process's peak
-  resident set during the steps minus its resident set before the first step (the model, the
-  batch and the libraries are the baseline).
+* peak memory: on CUDA ``max_memory_allocated`` during the steps; on CPU the peak resident set
+  during the steps (Linux ``VmHWM``, reset before each measurement through
+  ``/proc/self/clear_refs``) minus the resident set before the first step.
+
+Measurements share one process (``--isolate``: one fresh process each, cleaner CPU memory
+numbers, slower); freed memory is handed back to the system (``malloc_trim``) between them.
 
 Gradient aggregators are measured with ``jacobian_of: parameters`` (the (T, P) jacobian of the
 encoder) and ``features`` (the jacobian of the features the heads read); loss weightings have
@@ -23,10 +25,12 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import contextlib
+import ctypes
 import dataclasses
+import gc
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -71,12 +75,21 @@ BENCH_SIZES: dict[str, Setup] = {
 }
 
 
-def _rss_kib() -> int:
+def _status_kib(field: str) -> int:
     with open("/proc/self/status") as handle:
         for line in handle:
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1])
     return 0
+
+
+def _reset_peak_rss() -> None:
+    """Give freed heap back to the system and restart the peak-RSS counter (Linux >= 4.0)."""
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    with contextlib.suppress(OSError), open("/proc/self/clear_refs", "w") as handle:
+        handle.write("5")
 
 
 class _Meter(L.Callback):
@@ -94,7 +107,8 @@ class _Meter(L.Callback):
             torch.cuda.synchronize(self.device)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.baseline_kib = _rss_kib()
+        _reset_peak_rss()
+        self.baseline_kib = _status_kib("VmRSS")
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
 
@@ -147,8 +161,7 @@ def measure(
     if dev.type == "cuda":
         peak = torch.cuda.max_memory_allocated(dev)
     else:
-        peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
-        peak = max(0, peak_kib - meter.baseline_kib) * 1024
+        peak = max(0, _status_kib("VmHWM") - meter.baseline_kib) * 1024
     return {"seconds": meter.elapsed / max(1, meter.steps), "peak_bytes": peak}
 
 
@@ -192,6 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--methods", nargs="+", help="weightings to measure (default: all)")
     parser.add_argument("--steps", type=int, help="timed steps (default: per size)")
     parser.add_argument("--warmup", type=int, help="untimed steps first (default: per size)")
+    parser.add_argument("--isolate", action="store_true", help="one process per measurement")
     parser.add_argument("--child", nargs=2, metavar=("METHOD", "MODE"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     _quiet()
@@ -213,7 +227,15 @@ def main(argv: list[str] | None = None) -> int:
     for method in _methods(args.methods):
         modes = ["parameters", "features"] if WEIGHTINGS.get(method).requires_jacobian else ["-"]
         for mode in modes:
-            got = _run_child(args, method, "parameters" if mode == "-" else mode)
+            jacobian_of = "parameters" if mode == "-" else mode
+            if args.isolate:
+                got = _run_child(args, method, jacobian_of)
+            else:
+                try:
+                    got = measure(setup, method, jacobian_of, args.device, args.precision)
+                except (ValueError, RuntimeError) as err:  # e.g. nash_mtl without cvxpy
+                    print(f"  {method} ({mode}) skipped: {err}", flush=True)
+                    got = None
             if got is not None:
                 results[(method, mode)] = got
     base = results.get(("equal", "-"))
