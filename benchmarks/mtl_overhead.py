@@ -39,6 +39,7 @@ from typing import Any
 
 import lightning as L
 import torch
+import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_throughput import SIZES, Setup, _quiet, _RepeatedBatch, make_batch  # noqa: E402
@@ -50,29 +51,19 @@ __all__ = ["BENCH_SIZES", "measure"]
 
 TASKS = ("segmentation", "depth", "normals")
 
-#: The synthetic configs' encoder (configs/synthetic/mtl.yaml) beside train_throughput's sizes.
-BENCH_SIZES: dict[str, Setup] = {
-    **SIZES,
-    "synthetic": Setup(
-        encoder={
-            "name": "vit_small_patch16_224",
-            "indices": [1, 2, 4, 5],
-            "model_kwargs": {
-                "patch_size": 8,
-                "embed_dim": 128,
-                "depth": 6,
-                "num_heads": 4,
-                "img_size": [64, 80],
-            },
-        },
-        head={"kind": "linear", "upsample": 4},
-        height=64,
-        width=80,
-        batch_size=8,
-        steps=5,
-        warmup=2,
-    ),
-}
+CONFIG = Path(__file__).resolve().parents[1] / "configs" / "synthetic" / "mtl.yaml"
+
+
+def _synthetic_setup() -> Setup:
+    """The encoder and head of configs/synthetic/mtl.yaml (randomly initialised), batch 8."""
+    model = yaml.safe_load(CONFIG.read_text())["model"]["init_args"]
+    encoder = {k: v for k, v in model["encoder"].items() if k != "checkpoint"}
+    height, width = encoder["model_kwargs"]["img_size"]
+    return Setup(encoder, model["head"], height, width, batch_size=8, steps=5, warmup=2)
+
+
+#: The synthetic configs' model beside train_throughput's sizes.
+BENCH_SIZES: dict[str, Setup] = {**SIZES, "synthetic": _synthetic_setup()}
 
 
 def _status_kib(field: str) -> int:
