@@ -173,6 +173,8 @@ def _run_child(args: argparse.Namespace, method: str, mode: str) -> dict | None:
         str(args.steps),
         "--warmup",
         str(args.warmup),
+        "--batch-size",
+        str(args.batch_size),
     ]
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -196,6 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--methods", nargs="+", help="weightings to measure (default: all)")
     parser.add_argument("--steps", type=int, help="timed steps (default: per size)")
     parser.add_argument("--warmup", type=int, help="untimed steps first (default: per size)")
+    parser.add_argument("--batch-size", type=int, help="images per step (default: per size)")
     parser.add_argument("--isolate", action="store_true", help="one process per measurement")
     parser.add_argument("--child", nargs=2, metavar=("METHOD", "MODE"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -203,7 +206,10 @@ def main(argv: list[str] | None = None) -> int:
     setup = BENCH_SIZES[args.size]
     args.steps = args.steps or setup.steps
     args.warmup = args.warmup or setup.warmup
-    setup = dataclasses.replace(setup, steps=args.steps, warmup=args.warmup)
+    args.batch_size = args.batch_size or setup.batch_size
+    setup = dataclasses.replace(
+        setup, steps=args.steps, warmup=args.warmup, batch_size=args.batch_size
+    )
     if args.child:
         method, mode = args.child
         print(json.dumps(measure(setup, method, mode, args.device, args.precision)))
