@@ -35,7 +35,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import lightning as L
 import torch
@@ -185,6 +184,13 @@ def _run_child(args: argparse.Namespace, method: str, mode: str) -> dict | None:
     return json.loads(lines[-1])
 
 
+def _row(method: str, mode: str, got: dict[str, float], base: dict[str, float]) -> str:
+    ms, mib = 1e3 * got["seconds"], got["peak_bytes"] / 2**20
+    time_ratio = got["seconds"] / base["seconds"]
+    mem_ratio = got["peak_bytes"] / base["peak_bytes"] if base["peak_bytes"] else float("nan")
+    return f"| {method} | {mode} | {ms:.0f} | {time_ratio:.2f}x | {mib:.0f} | {mem_ratio:.2f}x |"
+
+
 def _methods(requested: list[str] | None) -> list[str]:
     names = requested or WEIGHTINGS.names()
     return ["equal", *[n for n in names if n != "equal"]]
@@ -220,9 +226,14 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.device}, {args.precision}, {setup.steps} timed steps after {setup.warmup}",
         flush=True,
     )
-    results: dict[tuple[str, str], dict[str, Any]] = {}
+    print("\n| method | jacobian_of | ms / step | time vs equal | peak MiB | memory vs equal |")
+    print("|---|---|---|---|---|---|", flush=True)
+    base: dict[str, float] | None = None
     for method in _methods(args.methods):
-        modes = ["parameters", "features"] if WEIGHTINGS.get(method).requires_jacobian else ["-"]
+        cls = WEIGHTINGS.get(method)
+        modes = ["parameters", "features"] if cls.requires_jacobian else ["-"]
+        if not getattr(cls, "supports_features", True):
+            modes = ["parameters"]
         for mode in modes:
             jacobian_of = "parameters" if mode == "-" else mode
             if args.isolate:
@@ -231,24 +242,12 @@ def main(argv: list[str] | None = None) -> int:
                 try:
                     got = measure(setup, method, jacobian_of, args.device, args.precision)
                 except (ValueError, RuntimeError) as err:  # e.g. nash_mtl without cvxpy
-                    print(f"  {method} ({mode}) skipped: {err}", flush=True)
+                    print(f"| {method} | {mode} | skipped: {err} | | | |", flush=True)
                     got = None
-            if got is not None:
-                results[(method, mode)] = got
-    base = results.get(("equal", "-"))
-    if base is None:
-        print("equal failed: no reference to compare with")
-        return 1
-    print("\n| method | jacobian_of | ms / step | time vs equal | peak MiB | memory vs equal |")
-    print("|---|---|---|---|---|---|")
-    for (method, mode), got in results.items():
-        ms = 1e3 * got["seconds"]
-        mib = got["peak_bytes"] / 2**20
-        time_ratio = got["seconds"] / base["seconds"]
-        mem_ratio = got["peak_bytes"] / base["peak_bytes"] if base["peak_bytes"] else float("nan")
-        print(
-            f"| {method} | {mode} | {ms:.0f} | {time_ratio:.2f}x | {mib:.0f} | {mem_ratio:.2f}x |"
-        )
+            if got is None:
+                continue
+            base = base or got  # equal comes first
+            print(_row(method, mode, got, base), flush=True)
     return 0
 
 
