@@ -302,7 +302,10 @@ class Run:
         return [torch.load(p, weights_only=True) for p in self.files(case, stem)]
 
 
-def _launch(root: Path, cases: list[str]) -> tuple[list[int], list[str]]:
+def _launch(
+    root: Path, cases: list[str], script: str = __file__, timeout: float = WORKER_TIMEOUT_S
+) -> tuple[list[int], list[str]]:
+    """Start ``script`` (a worker file) on every rank with ``cases``; exit codes and logs."""
     env = {
         k: v
         for k, v in os.environ.items()
@@ -325,7 +328,7 @@ def _launch(root: Path, cases: list[str]) -> tuple[list[int], list[str]]:
         procs.append(
             (
                 subprocess.Popen(
-                    [sys.executable, __file__, str(root), *cases],
+                    [sys.executable, script, str(root), *cases],
                     env={**env, "LOCAL_RANK": str(rank)},
                     stdout=log,
                     stderr=subprocess.STDOUT,
@@ -336,7 +339,7 @@ def _launch(root: Path, cases: list[str]) -> tuple[list[int], list[str]]:
     codes = []
     for proc, log in procs:
         try:
-            codes.append(proc.wait(timeout=WORKER_TIMEOUT_S))
+            codes.append(proc.wait(timeout=timeout))
         except subprocess.TimeoutExpired:
             for other, _ in procs:
                 other.kill()

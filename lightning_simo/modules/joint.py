@@ -16,6 +16,13 @@ Two optimisation modes:
 - ``gradnorm``: manual optimisation, because GradNorm needs the per-task gradient norms on the
   last shared layer before the model's backward pass. The update runs on the same optimiser and
   schedule as every other strategy.
+- gradient aggregators (``upgrad``, ``pcgrad``, ``mgda``, ``cagrad``, ...: every weighting with
+  ``requires_jacobian``): manual optimisation. The task jacobian of the shared encoder (or of its
+  features, ``jacobian_of: features``) is computed row by row with ``torch.autograd.grad``; the
+  strategy turns it into the encoder's direction; each head gets its own task's gradient; one
+  backward of a linear surrogate then writes both (see :mod:`lightning_simo.modules.jacobian`).
+- ``famo``: automatic optimisation, plus :meth:`Weighting.update` with the same batch's losses
+  after the optimiser step (a no-grad forward in ``on_train_batch_end``).
 
 Gradient clipping is a module argument (``grad_clip``) in every mode: Lightning refuses
 ``trainer.gradient_clip_val`` under manual optimisation, so keeping one knob on the model lets a
@@ -33,10 +40,15 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from lightning_simo.models.encoders import EncoderOutput
+from lightning_simo.modules.jacobian import split_like, surrogate, task_jacobian
 from lightning_simo.modules.simo import SIMOModule
-from lightning_simo.weighting import GradNorm, Weighting, build_weighting
+from lightning_simo.weighting import GradNorm, GramianWeighting, Weighting, build_weighting
 
-__all__ = ["JointMTLModule"]
+__all__ = ["JACOBIAN_OF", "JointMTLModule"]
+
+#: What a gradient aggregator's jacobian is taken of.
+JACOBIAN_OF = ("parameters", "features")
 
 
 class JointMTLModule(SIMOModule):
@@ -60,11 +72,21 @@ class JointMTLModule(SIMOModule):
 
     Args:
         tasks: the tasks trained jointly (linked from the datamodule).
-        weighting: ``equal`` | ``uncertainty`` | ``gradnorm`` | ``dwa``.
+        weighting: any registered name (``lightning_simo.weighting.available_weightings()``):
+            loss weightings ``equal`` | ``uncertainty`` | ``gradnorm`` | ``dwa`` | ``rlw`` |
+            ``famo`` | ``stch``, aggregators ``upgrad`` | ``dualproj`` | ``pcgrad`` | ``mgda`` |
+            ``cagrad`` | ``nash_mtl`` | ``imtl`` | ``aligned_mtl`` | ``graddrop`` | ``gradvac``
+            | ``fairgrad`` | ``db_mtl``.
         weighting_options: keyword arguments of the strategy (e.g. ``{alpha: 1.5}`` for GradNorm,
             ``{form: libmtl}`` for uncertainty, ``{temperature: 2.0}`` for DWA).
         grad_clip: clip the global gradient norm of the model to this value (``null``: no
             clipping). Do not also set ``trainer.gradient_clip_val``.
+        jacobian_of: what aggregators see: ``parameters`` (the (T, P) jacobian of every trainable
+            encoder parameter, the methods' definition) or ``features`` (the jacobian of the
+            encoder's outputs the heads read: T backward passes through the heads only, then
+            one through the encoder; MGDA-UB's trick, for large encoders).
+        jacobian_chunk: jacobian rows per backward call (1: a loop, least memory; more: batched
+            with ``is_grads_batched``).
         **kwargs: every other :class:`SIMOModule` argument (encoder, head, learning rates,
             schedule, linear probe, reference metrics, ...).
     """
@@ -75,13 +97,28 @@ class JointMTLModule(SIMOModule):
         weighting: str = "equal",
         weighting_options: dict[str, Any] | None = None,
         grad_clip: float | None = 25.0,
+        jacobian_of: str = "parameters",
+        jacobian_chunk: int = 1,
         **kwargs: Any,
     ) -> None:
         super().__init__(tasks=tasks, **kwargs)
         freeze_encoder = bool(kwargs.get("freeze_encoder", False))
         if grad_clip is not None and grad_clip <= 0:
             raise ValueError(f"grad_clip must be positive or null, got {grad_clip}.")
+        if jacobian_of not in JACOBIAN_OF:
+            raise ValueError(f"jacobian_of must be one of {JACOBIAN_OF}, got {jacobian_of!r}.")
+        if jacobian_chunk < 1:
+            raise ValueError(f"jacobian_chunk must be at least 1, got {jacobian_chunk}.")
         self.weighting: Weighting = _build(weighting, self.task_specs, weighting_options or {})
+        if (
+            self.weighting.requires_jacobian
+            and jacobian_of == "features"
+            and not getattr(self.weighting, "supports_features", True)
+        ):
+            raise ValueError(
+                f"weighting {weighting!r} keeps per-parameter state and needs "
+                "jacobian_of: parameters."
+            )
         if self.weighting.requires_manual_backward:
             if freeze_encoder:
                 raise ValueError(
@@ -96,6 +133,11 @@ class JointMTLModule(SIMOModule):
         self.register_buffer("_epoch_loss_sum", torch.zeros(len(self.task_specs)), persistent=False)
         self.register_buffer("_epoch_steps", torch.zeros(()), persistent=False)
         self._step_weights: dict[str, float] = {}
+        self._step_losses: dict[str, Tensor] = {}
+        # features mode: the encoder's real outputs and the detached leaves the heads read
+        self._encoder_out: EncoderOutput | None = None
+        self._feature_leaves: list[Tensor] = []
+        self._update_pending = False
 
     # ------------------------------------------------------------------ objective
     def shared_parameters(self) -> list[Tensor]:
@@ -107,6 +149,31 @@ class JointMTLModule(SIMOModule):
         """Whether the encoder receives gradients in the current epoch."""
         hp = self.hparams
         return not hp.freeze_encoder and self.current_epoch >= hp.probe_epochs
+
+    def encoder_parameters(self) -> list[Tensor]:
+        """The shared parameters an aggregator's jacobian covers: every trainable encoder one."""
+        return [p for p in self.net.encoder.parameters() if p.requires_grad]
+
+    def head_parameters(self, task: str) -> list[Tensor]:
+        return [p for p in self.net.heads[task].parameters() if p.requires_grad]
+
+    def aggregates(self) -> bool:
+        """Whether this training step aggregates a jacobian (an aggregator, encoder training)."""
+        return self.weighting.requires_jacobian and self.encoder_trains()
+
+    def encode(self, batch: Mapping[str, Tensor]) -> EncoderOutput:
+        """With ``jacobian_of: features``, the heads read detached float32 copies of the
+        features (the jacobian's inputs); the real outputs are kept for the encoder's backward."""
+        feats = super().encode(batch)
+        if not (self.training and self.hparams.jacobian_of == "features" and self.aggregates()):
+            return feats
+        self._encoder_out = feats
+        leaves = [f.detach().float().requires_grad_(True) for f in feats.features]
+        tokens = None
+        if feats.class_tokens is not None:
+            tokens = [t.detach().float().requires_grad_(True) for t in feats.class_tokens]
+        self._feature_leaves = leaves + (tokens or [])
+        return EncoderOutput(leaves, tokens, feats.image_size)
 
     def combine_losses(self, losses: Mapping[str, Tensor]) -> Tensor:
         """Training: the strategy's objective (one GradNorm update included); evaluation: the
@@ -122,9 +189,11 @@ class JointMTLModule(SIMOModule):
                 [losses[t].detach().float() for t in self.weighting.tasks]
             )
             self._epoch_steps += 1
+        self._step_losses = dict(losses)
+        self._update_pending = self.weighting.requires_update
         # the weights this step's total is built with (GradNorm.step updates them in place)
         self._step_weights = self.weighting.weights()
-        if self.weighting.requires_manual_backward and self.encoder_trains():
+        if isinstance(self.weighting, GradNorm) and self.encoder_trains():
             return self.weighting.step(losses, self.shared_parameters())
         return self.weighting.combine(losses)
 
@@ -133,10 +202,77 @@ class JointMTLModule(SIMOModule):
         total = super().training_step(batch, batch_idx)
         if total is None:
             return None  # NonFiniteGuard skipped the batch
-        self._log_weights(int(batch["image"].shape[0]))
-        if not self.automatic_optimization:
+        if self.aggregates():
+            self._aggregate_update()
+            self._step_weights = self.weighting.weights()  # the weights just applied
+        elif not self.automatic_optimization:
             self._manual_update(total)
+        self._log_weights(int(batch["image"].shape[0]))
         return total
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        """FAMO: the same batch's losses after the optimiser step (same on every rank).
+
+        The extra forward runs in training mode, as LibMTL's, but its BatchNorm statistics are
+        put back: normalisation layers see each batch once, and every DDP rank keeps the
+        statistics DDP synchronised.
+        """
+        if not self._update_pending:
+            return
+        self._update_pending = False
+        saved = [(b, b.clone()) for b in self.net.buffers()]
+        with torch.no_grad():
+            _, losses = self.task_losses(batch)
+            for buffer, value in saved:
+                buffer.copy_(value)
+        self.weighting.update(torch.stack([losses[t].float() for t in self.weighting.tasks]))
+
+    def _aggregate_update(self) -> None:
+        """Jacobian, aggregated direction, own-task head gradients, one backward, one step.
+
+        DDP: the jacobian (``parameters``) or its Gramian (``features``, summed over ranks and
+        divided by world_size^2: the Gramian of the whole batch's feature jacobian) is reduced
+        before the strategy sees it, so every rank computes the same direction from the same
+        input; the surrogate's backward then goes through DDP's reducer, whose average of
+        identical directions changes nothing.
+        """
+        tasks = self.weighting.tasks
+        stacked = torch.stack([self._step_losses[t] for t in tasks])
+        losses = self._mean_over_ranks(stacked.detach().float())
+        chunk = int(self.hparams.jacobian_chunk)
+        heads = {t: self.head_parameters(t) for t in tasks}
+        head_grads = {
+            t: torch.autograd.grad(self._step_losses[t], heads[t], retain_graph=True)
+            if heads[t]
+            else ()
+            for t in tasks
+        }
+        pairs = [(heads[t], head_grads[t]) for t in tasks]
+        if self.hparams.jacobian_of == "features":
+            leaves, out = self._feature_leaves, self._encoder_out
+            assert out is not None
+            jac = task_jacobian(stacked, leaves, chunk)
+            if isinstance(self.weighting, GramianWeighting):
+                world = self.trainer.world_size
+                gramian = self._sum_over_ranks(jac @ jac.T) / world**2
+                direction = self.weighting.gramian_weights(gramian, losses) @ jac
+            else:
+                direction = self.weighting.aggregate(jac, losses)
+            real = out.features + (out.class_tokens or [])
+            pairs.append((real, split_like(direction, leaves)))
+            self._encoder_out, self._feature_leaves = None, []
+        else:
+            shared = self.encoder_parameters()
+            jac = self._mean_over_ranks(task_jacobian(stacked, shared, chunk))
+            direction = self.weighting.aggregate(jac, losses)
+            pairs.append((shared, split_like(direction, shared)))
+        opt = self.optimizers()
+        opt.zero_grad()
+        self.manual_backward(surrogate(pairs))
+        opt.step()
+        sched = self.lr_schedulers()
+        if sched is not None:
+            sched.step()
 
     def _manual_update(self, total: Tensor) -> None:
         """Backward, (clipping in :meth:`on_before_optimizer_step`), optimiser and schedule.
@@ -184,20 +320,23 @@ class JointMTLModule(SIMOModule):
         self.weighting.on_epoch_end(dict(zip(self.weighting.tasks, averages)))
 
     def on_validation_epoch_start(self) -> None:
-        self._share_buffers_of_rank_zero()
+        if not self.automatic_optimization:
+            self._share_buffers_of_rank_zero()
 
     def on_train_end(self) -> None:
         self._share_buffers_of_rank_zero()
 
     def _share_buffers_of_rank_zero(self) -> None:
-        """Give every rank rank 0's buffers (BatchNorm statistics) under manual optimisation.
+        """Give every rank rank 0's buffers (BatchNorm statistics).
 
         DDP broadcasts buffers at the start of a forward only when the previous forward was
         followed by DDP's own backward; Lightning runs the manual backward inside DDP's forward,
-        so with GradNorm each rank would keep its own running statistics and validate (and end
-        the fit with) a different model. Automatic optimisation gets this from DDP itself.
+        so with GradNorm or an aggregator each rank would keep its own running statistics and
+        validate with a different model (automatic optimisation gets this from DDP itself). At
+        the end of a fit every mode needs it: the last training forward updated each rank's
+        statistics from its own batch, and no DDP forward follows to re-synchronise them.
         """
-        if self.automatic_optimization or self.trainer.world_size < 2:
+        if self.trainer.world_size < 2:
             return
         if not torch.distributed.is_available() or not torch.distributed.is_initialized():
             return
@@ -216,17 +355,24 @@ class JointMTLModule(SIMOModule):
                 f"{self.hparams.grad_clip}); remove trainer.gradient_clip_val="
                 f"{self.trainer.gradient_clip_val} or set model.grad_clip to null."
             )
-        if isinstance(self.weighting, GradNorm) and self.trainer.world_size > 1:
-            self.weighting.reduce_fn = self._mean_over_ranks
+        if hasattr(self.weighting, "reduce_fn") and self.trainer.world_size > 1:
+            self.weighting.reduce_fn = self._mean_over_ranks  # GradNorm's and FAMO's statistics
 
     def teardown(self, stage: str) -> None:
         super().teardown(stage)
-        if isinstance(self.weighting, GradNorm):
+        if hasattr(self.weighting, "reduce_fn"):
             self.weighting.reduce_fn = None  # drop the reference to the trainer's strategy
 
     def _mean_over_ranks(self, values: Tensor) -> Tensor:
-        """Element-wise all-reduce mean over data-parallel ranks (GradNorm's statistics)."""
+        """Element-wise all-reduce mean over data-parallel ranks (identity on one device)."""
+        if self.trainer.world_size < 2:
+            return values
         return self.trainer.strategy.reduce(values, reduce_op="mean")
+
+    def _sum_over_ranks(self, values: Tensor) -> Tensor:
+        if self.trainer.world_size < 2:
+            return values
+        return self.trainer.strategy.reduce(values, reduce_op="sum")
 
     # ------------------------------------------------------------------ optimisation
     def parameter_groups(self) -> list[dict[str, Any]]:

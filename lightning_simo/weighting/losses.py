@@ -1,126 +1,30 @@
-"""Loss weighting strategies for joint multi-task training.
+"""The loss weightings that predate gradient aggregation: equal, uncertainty, GradNorm, DWA.
 
-A joint multi-task model produces one loss per task; a :class:`Weighting` turns them into the one
-scalar that is back-propagated. The strategies are plain ``nn.Module`` objects (no Lightning
-import) so that their state (learnable log-variances, GradNorm weights, DWA loss history) lives in
-the owning module's ``state_dict`` and comes back on resume, and so that they can be unit-tested
-on toy problems.
-
-Strategies (see :data:`WEIGHTINGS` and :func:`build_weighting`):
+The strategies are plain ``nn.Module`` objects (no Lightning import) so that their state
+(learnable log-variances, GradNorm weights, DWA loss history) lives in the owning module's
+``state_dict`` and comes back on resume, and so that they can be unit-tested on toy problems.
 
 - ``"equal"``: :class:`EqualWeighting`, mean (default) or sum of the task losses;
 - ``"uncertainty"``: :class:`UncertaintyWeighting` (Kendall, Gal, Cipolla 2018);
 - ``"gradnorm"``: :class:`GradNorm` (Chen et al. 2018), needs manual optimisation;
 - ``"dwa"``: :class:`DWA`, dynamic weight average (Liu, Johns, Davison 2019).
-
-Every loss mapping passed to a strategy must hold exactly the strategy's tasks: a missing or an
-unexpected task is a bug in the caller and raises ``KeyError``.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
-from typing import Any, ClassVar, Literal
+from collections.abc import Mapping, Sequence
+from typing import ClassVar, Literal
 
 import torch
 from torch import Tensor, nn
 
-__all__ = [
-    "DWA",
-    "TASK_TYPES",
-    "WEIGHTINGS",
-    "EqualWeighting",
-    "GradNorm",
-    "ReduceFn",
-    "UncertaintyWeighting",
-    "Weighting",
-    "available_weightings",
-    "build_weighting",
-]
+from lightning_simo.weighting.base import ReduceFn, Weighting, register_weighting
 
-#: The task types a weighting distinguishes (only :class:`UncertaintyWeighting` uses them).
-TASK_TYPES = ("classification", "regression")
-
-#: An all-reduce-mean over data-parallel ranks, e.g. ``lambda t: strategy.reduce(t, "mean")``.
-ReduceFn = Callable[[Tensor], Tensor]
+__all__ = ["DWA", "EqualWeighting", "GradNorm", "UncertaintyWeighting"]
 
 
-class Weighting(nn.Module):
-    """Base class: turns a mapping of per-task losses into one scalar to back-propagate.
-
-    Subclasses implement :meth:`combine` and :meth:`weights`. The task order given here fixes the
-    order of every per-task tensor the strategy stores, so that state dicts are stable.
-
-    Args:
-        tasks: task names, in a fixed order; at least one, no duplicates.
-        task_types: task name -> ``"classification"`` or ``"regression"``. Tasks left out count
-            as regression (the form most implementations apply to every task).
-    """
-
-    #: ``True`` when the caller must use :meth:`GradNorm.step` under manual optimisation instead
-    #: of back-propagating :meth:`combine`.
-    requires_manual_backward: ClassVar[bool] = False
-
-    def __init__(self, tasks: Sequence[str], task_types: Mapping[str, str] | None = None) -> None:
-        super().__init__()
-        tasks = tuple(tasks)
-        if not tasks:
-            raise ValueError("a weighting needs at least one task")
-        if len(set(tasks)) != len(tasks):
-            raise ValueError(f"duplicate task names in {list(tasks)}")
-        task_types = dict(task_types or {})
-        unknown = sorted(set(task_types) - set(tasks))
-        if unknown:
-            raise ValueError(f"task_types names tasks {unknown} that are not in {list(tasks)}")
-        for task, kind in task_types.items():
-            if kind not in TASK_TYPES:
-                raise ValueError(f"task type of {task!r} is {kind!r}; expected one of {TASK_TYPES}")
-        self.tasks: tuple[str, ...] = tasks
-        self.task_types: dict[str, str] = {t: task_types.get(t, "regression") for t in tasks}
-
-    @property
-    def num_tasks(self) -> int:
-        """T, the number of tasks."""
-        return len(self.tasks)
-
-    def _stack(self, losses: Mapping[str, Tensor]) -> Tensor:
-        """Losses as a float32 vector in task order (fp32 so bf16 losses do not lose precision)."""
-        missing = [t for t in self.tasks if t not in losses]
-        extra = sorted(set(losses) - set(self.tasks))
-        if missing or extra:
-            raise KeyError(
-                f"losses must hold exactly the tasks {list(self.tasks)}; "
-                f"missing {missing}, unexpected {extra}"
-            )
-        return torch.stack([losses[t].float().reshape(()) for t in self.tasks])
-
-    def _as_dict(self, values: Tensor) -> dict[str, float]:
-        return {t: float(v) for t, v in zip(self.tasks, values.detach().cpu().tolist())}
-
-    def combine(self, losses: Mapping[str, Tensor]) -> Tensor:
-        """The total loss to back-propagate."""
-        raise NotImplementedError
-
-    def forward(self, losses: Mapping[str, Tensor]) -> Tensor:
-        """Same as :meth:`combine`, so a strategy can be called like any module."""
-        return self.combine(losses)
-
-    def weights(self) -> dict[str, float]:
-        """Current multiplier of each task loss in the total, for logging."""
-        raise NotImplementedError
-
-    def extra_logs(self) -> dict[str, float]:
-        """Strategy-specific scalars worth logging (none by default)."""
-        return {}
-
-    def on_epoch_end(self, epoch_losses: Mapping[str, float]) -> None:
-        """Receives the epoch-average loss of each task (unused by default).
-
-        Must be given the same values on every rank (synchronise them first under DDP).
-        """
-
-
+@register_weighting("equal")
 class EqualWeighting(Weighting):
     """Fixed, equal weights.
 
@@ -149,6 +53,7 @@ class EqualWeighting(Weighting):
         return dict.fromkeys(self.tasks, value)
 
 
+@register_weighting("uncertainty")
 class UncertaintyWeighting(Weighting):
     """Homoscedastic-uncertainty weighting (Kendall, Gal, Cipolla 2018).
 
@@ -206,6 +111,7 @@ class UncertaintyWeighting(Weighting):
         return {f"log_var/{t}": v for t, v in self._as_dict(self.log_var).items()}
 
 
+@register_weighting("gradnorm")
 class GradNorm(Weighting):
     """GradNorm (Chen, Badrinarayanan, Lee, Rabinovich 2018): balance task-gradient magnitudes.
 
@@ -437,6 +343,7 @@ class GradNorm(Weighting):
         self.task_weights.copy_(w * (self.num_tasks / w.sum()))
 
 
+@register_weighting("dwa")
 class DWA(Weighting):
     """Dynamic weight average (Liu, Johns, Davison 2019).
 
@@ -488,36 +395,3 @@ class DWA(Weighting):
             ratio = history[1] / history[0].clamp_min(1e-12)
             weights = self.num_tasks * torch.softmax(ratio / self.temperature, dim=0)
             self.task_weights.copy_(weights)
-
-
-#: Registry name -> strategy class.
-WEIGHTINGS: dict[str, type[Weighting]] = {
-    "equal": EqualWeighting,
-    "uncertainty": UncertaintyWeighting,
-    "gradnorm": GradNorm,
-    "dwa": DWA,
-}
-
-
-def available_weightings() -> list[str]:
-    """Registered strategy names, sorted."""
-    return sorted(WEIGHTINGS)
-
-
-def build_weighting(
-    name: str,
-    tasks: Sequence[str],
-    task_types: Mapping[str, str] | None = None,
-    **options: Any,
-) -> Weighting:
-    """Builds the strategy registered as ``name`` (case-insensitive) with its ``options``.
-
-    Raises:
-        ValueError: ``name`` is not registered; the message lists the valid names.
-    """
-    key = name.lower()
-    if key not in WEIGHTINGS:
-        raise ValueError(
-            f"unknown weighting {name!r}; valid names: {', '.join(available_weightings())}"
-        )
-    return WEIGHTINGS[key](tasks, task_types, **options)
