@@ -3,6 +3,8 @@
 >>> merged = merge(theta0, [theta_seg, theta_depth], "ties", density=0.2, scaling=1.0)
 """
 
+# The data-free methods register themselves on import, next to the built-in ones.
+from lightning_simo.merging import mask_methods, sparse_methods, svd_methods, wudi  # noqa: F401
 from lightning_simo.merging.methods import (
     BN_STATS_POLICIES,
     MERGE_METHODS,

@@ -1,0 +1,186 @@
+"""Element-wise data-free merging: TALL-mask consensus, MagMax, and Model Stock's interpolation.
+
+References (conventions followed exactly, code not copied):
+
+* consensus: Wang et al., "Localizing Task Information for Improved Model Merging and
+  Compression", ICML 2024 (code: nik-dim/tall_masks, ``construct_consensus_mask``); TALL masks as
+  in FusionBench ``fusion_bench/method/tall_mask/utils.py`` (``generate_task_masks``).
+* magmax: Marczak et al., "MagMax: Leveraging Model Merging for Seamless Continual Learning",
+  ECCV 2024; FusionBench ``fusion_bench/method/magmax/magmax.py``.
+* model_stock: Jang et al., "Model Stock: All we need is just a few fine-tuned models", ECCV 2024;
+  FusionBench ``fusion_bench/method/model_stock/model_stock.py``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lightning_simo.merging.data_free import (
+    mean_task_vector,
+    non_negative_integer,
+    non_negative_or_per_task,
+    per_task,
+    scaled_result,
+)
+from lightning_simo.merging.methods import (
+    MERGE_METHODS,
+    MergeInputs,
+    Option,
+    _accumulate,
+    _choice,
+    _non_negative,
+    _validate,
+    register_merge_method,
+)
+
+__all__ = ["merged_task_vectors", "tall_masks"]
+
+_MODEL_STOCK_EPS = 1e-8  # FusionBench's EPS in the cosine and the ratio
+
+
+@dataclass(frozen=True)
+class _AroundZero(MergeInputs):
+    """The same task vectors around a zero theta_0, never cast back: a method run on these
+    returns its merged task vector itself, at full compute precision."""
+
+    def theta0(self, key: str) -> Tensor:
+        return torch.zeros_like(self.pretrained[key], dtype=self.dtype)
+
+    def task_vectors(self, key: str) -> list[Tensor]:
+        base = self.pretrained[key].to(self.dtype)
+        return [ft[key].to(self.dtype) - base for ft in self.finetuned]
+
+    def thetas(self, key: str) -> list[Tensor]:
+        return self.task_vectors(key)
+
+    def finish(self, key: str, value: Tensor) -> Tensor:
+        return value
+
+
+def merged_task_vectors(
+    inputs: MergeInputs, method: str, options: Mapping[str, Any]
+) -> dict[str, Tensor]:
+    """The task vector another registered method merges to (``theta_merged - theta_0``), exactly
+    and in compute precision (no subtraction of rounded weights)."""
+    around_zero = _AroundZero(**{f.name: getattr(inputs, f.name) for f in fields(MergeInputs)})
+    return MERGE_METHODS[method].fn(around_zero, options)
+
+
+def tall_masks(taus: list[Tensor], multi: Tensor, lambdas: list[float]) -> list[Tensor]:
+    """TALL masks: task t claims the entries where ``|tau_t| > lambda_t * |tau_MTL - tau_t|``
+    (``|theta_0 - theta_t|`` against ``|theta_MTL - theta_t|``, strictly greater)."""
+    return [tau.abs() > (multi - tau).abs().mul_(lam) for tau, lam in zip(taus, lambdas)]
+
+
+_CONSENSUS_OPTIONS = {
+    "k": Option(2, non_negative_integer),
+    "tall_lambda": Option(0.6, non_negative_or_per_task),
+    "base": Option("task_arithmetic", _choice("task_arithmetic", "ties")),
+    "scaling": Option(1.0, _non_negative),
+}
+
+
+def _validate_consensus(options: Mapping[str, Any]) -> dict[str, Any]:
+    base = options.get("base", _CONSENSUS_OPTIONS["base"].default)
+    spec = dict(_CONSENSUS_OPTIONS)
+    context = ""
+    if base == "ties":
+        ties = {k: v for k, v in MERGE_METHODS["ties"].options.items() if k != "scaling"}
+        # the TALL-mask authors build the consensus TIES vector with the "sum" disjoint merge
+        if "merge_rule" in ties:
+            ties["merge_rule"] = Option("sum", ties["merge_rule"].check)
+        spec.update(ties)
+        context = " with base 'ties'"
+    return _validate("consensus", spec, options, context)
+
+
+def _consensus(inputs: MergeInputs, options: Mapping[str, Any]) -> dict[str, Tensor]:
+    """Consensus merging: keep the entries of the multi-task vector (task arithmetic's sum, or the
+    TIES vector with ``base: ties``) that at least ``k`` tasks' TALL masks claim.
+
+    ``k = 2`` drops both "catastrophic" (no task) and "selfish" (one task) weights, ``k = 1`` only
+    catastrophic ones, ``k = 0`` keeps everything (plain task arithmetic / TIES), ``k > T`` keeps
+    nothing. ``tall_lambda`` is the TALL-mask λ, one number or one per task (the authors pick each
+    task's λ in 0.2-0.6 on validation data; 0.6 is FusionBench's default). The masks compare
+    against the unscaled multi-task vector; ``scaling`` (α) applies to the result.
+    """
+    lam = options["tall_lambda"]
+    lambdas = list(
+        per_task(lam, inputs, "consensus", "tall_lambda")
+        if isinstance(lam, tuple)
+        else [lam] * inputs.n_tasks
+    )
+    multi: dict[str, Tensor] | None = None
+    if options["base"] == "ties":
+        ties_options = {k: v for k, v in options.items() if k not in _CONSENSUS_OPTIONS}
+        multi = merged_task_vectors(inputs, "ties", {**ties_options, "scaling": 1.0})
+    out: dict[str, Tensor] = {}
+    for key in inputs.keys:
+        taus = inputs.task_vectors(key)
+        vector = _accumulate(taus) if multi is None else multi.pop(key)
+        votes = _accumulate(m.to(torch.int32) for m in tall_masks(taus, vector, lambdas))
+        vector.masked_fill_(votes < options["k"], 0.0)
+        out[key] = scaled_result(inputs, key, vector, options["scaling"])
+    return out
+
+
+def _magmax(inputs: MergeInputs, options: Mapping[str, Any]) -> dict[str, Tensor]:
+    """MagMax: every entry takes the task-vector value of largest magnitude; on equal magnitudes
+    the later task wins (the official code's ``>=``). ``scaling`` defaults to 0.5, the official
+    8-task reproduction's coefficient (FusionBench's default)."""
+    out: dict[str, Tensor] = {}
+    for key in inputs.keys:
+        taus = inputs.task_vectors(key)
+        best = taus[0]
+        for tau in taus[1:]:
+            best = torch.where(tau.abs() >= best.abs(), tau, best)
+        out[key] = scaled_result(inputs, key, best, options["scaling"])
+    return out
+
+
+def _cosine(a: Tensor, b: Tensor) -> float:
+    """FusionBench's per-tensor cosine: ``<a, b> / (sqrt(|a|^2 |b|^2) + 1e-8)``, clamped."""
+    dot = float(torch.dot(a.reshape(-1), b.reshape(-1)))
+    squares = float(a.reshape(-1).dot(a.reshape(-1))) * float(b.reshape(-1).dot(b.reshape(-1)))
+    return min(1.0, max(-1.0, dot / (math.sqrt(squares) + _MODEL_STOCK_EPS)))
+
+
+def model_stock_ratio(taus: list[Tensor]) -> float:
+    """Model Stock's interpolation ratio ``t = T cos(θ) / ((T - 1) cos(θ) + 1)`` for one tensor,
+    θ the mean pairwise angle between the task vectors (angles averaged, not cosines, as
+    FusionBench does for more than two models)."""
+    n = len(taus)
+    angles = [math.acos(_cosine(taus[i], taus[j])) for i in range(n) for j in range(i + 1, n)]
+    cos = math.cos(sum(angles) / len(angles))
+    return n * cos / ((n - 1) * cos + 1 + _MODEL_STOCK_EPS)
+
+
+def _model_stock(inputs: MergeInputs, options: Mapping[str, Any]) -> dict[str, Tensor]:
+    """Model Stock: per tensor, ``theta_0 + t * mean(tau)`` (FusionBench's
+    ``t * mean(theta) + (1 - t) * theta_0``) with ``t`` from the angle between the task vectors:
+    near-orthogonal updates stay close to theta_0, aligned ones move to their average. Needs at
+    least two fine-tuned models; there is no α."""
+    if inputs.n_tasks < 2:
+        raise ValueError(
+            f"merge method 'model_stock' needs at least two fine-tuned models, got "
+            f"{inputs.n_tasks}; add checkpoints or choose another method"
+        )
+    out: dict[str, Tensor] = {}
+    for key in inputs.keys:
+        taus = inputs.task_vectors(key)
+        ratio = model_stock_ratio(taus)
+        out[key] = scaled_result(inputs, key, mean_task_vector(taus), ratio)
+    return out
+
+
+register_merge_method(
+    "consensus", _consensus, options=_CONSENSUS_OPTIONS, validate=_validate_consensus
+)
+register_merge_method("magmax", _magmax, options={"scaling": Option(0.5, _non_negative)})
+register_merge_method("model_stock", _model_stock)
