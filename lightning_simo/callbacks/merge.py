@@ -26,14 +26,19 @@ from lightning_simo.checkpoints import (
     load_state_dict,
 )
 from lightning_simo.evaluation import evaluate_net, mean_normalized_performance
-from lightning_simo.merging import check_compatible, merge
+from lightning_simo.merging import MERGE_METHODS, check_compatible, merge
 from lightning_simo.modules.tinting import TINT_MODES, TintingModule
 
 __all__ = ["BN_POLICIES", "DEFAULT_ALPHA_GRID", "MergeCallback"]
 
 DEFAULT_ALPHA_GRID = tuple(round(0.1 * i, 1) for i in range(11))
 BN_POLICIES = ("merge", "pretrained", "reestimate")
-_SCALED_METHODS = ("task_arithmetic", "ties", "dare")
+
+
+def _is_scaled(method: str, options: Mapping[str, Any]) -> bool:
+    """A method with a ``scaling`` option is linear in it: the α search scales its direction."""
+    spec = MERGE_METHODS.get(method)
+    return spec is not None and "scaling" in spec.normalise(options)
 
 
 class MergeCallback(L.Callback):
@@ -211,7 +216,7 @@ class MergeCallback(L.Callback):
         # `restoring` when --ckpt_path is given, since Lightning knows the path only after setup.
         resuming = self.restoring or getattr(trainer, "ckpt_path", None) is not None
         direction = self._merge_direction(theta0, finetuned)
-        if self.method not in _SCALED_METHODS:
+        if not _is_scaled(self.method, self.method_options):
             alpha = None
         elif self.scaling == "search" and not resuming:
             alpha = self._search(trainer, pl_module, theta0, direction, finetuned)
@@ -241,7 +246,7 @@ class MergeCallback(L.Callback):
     ) -> dict[str, Tensor]:
         """θ(1) - θ0: every supported method is linear in α, so one merge serves the search."""
         options = dict(self.method_options)
-        if self.method in _SCALED_METHODS:
+        if _is_scaled(self.method, self.method_options):
             options["scaling"] = 1.0
         bn = "pretrained" if self.bn_stats == "reestimate" else self.bn_stats
         merged = merge(theta0, finetuned, self.method, bn_stats=bn, **options)

@@ -14,8 +14,7 @@ References (conventions followed exactly, code not copied):
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -44,32 +43,49 @@ __all__ = ["merged_task_vectors", "tall_masks"]
 _MODEL_STOCK_EPS = 1e-8  # FusionBench's EPS in the cosine and the ratio
 
 
-@dataclass(frozen=True)
-class _AroundZero(MergeInputs):
-    """The same task vectors around a zero theta_0, never cast back: a method run on these
-    returns its merged task vector itself, at full compute precision."""
+class _KeyView(Mapping[str, Tensor]):
+    """A read-only state dict whose tensors are computed on access, one key at a time."""
 
-    def theta0(self, key: str) -> Tensor:
-        return torch.zeros_like(self.pretrained[key], dtype=self.dtype)
+    def __init__(self, keys: tuple[str, ...], make: Callable[[str], Tensor]) -> None:
+        self._keys, self._make = keys, make
 
-    def task_vectors(self, key: str) -> list[Tensor]:
-        base = self.pretrained[key].to(self.dtype)
-        return [ft[key].to(self.dtype) - base for ft in self.finetuned]
+    def __getitem__(self, key: str) -> Tensor:
+        if key not in self._keys:
+            raise KeyError(key)
+        return self._make(key)
 
-    def thetas(self, key: str) -> list[Tensor]:
-        return self.task_vectors(key)
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._keys)
 
-    def finish(self, key: str, value: Tensor) -> Tensor:
-        return value
+    def __len__(self) -> int:
+        return len(self._keys)
 
 
 def merged_task_vectors(
     inputs: MergeInputs, method: str, options: Mapping[str, Any]
 ) -> dict[str, Tensor]:
-    """The task vector another registered method merges to (``theta_merged - theta_0``), exactly
-    and in compute precision (no subtraction of rounded weights)."""
-    around_zero = _AroundZero(**{f.name: getattr(inputs, f.name) for f in fields(MergeInputs)})
-    return MERGE_METHODS[method].fn(around_zero, options)
+    """The task vector another registered method merges to, at full compute precision.
+
+    The method runs on the same task vectors placed around a zero theta_0 held in the compute
+    dtype, so its output *is* the merged task vector: nothing is rounded to the checkpoints' dtype
+    and no rounded weights are subtracted, whatever the method does internally.
+    """
+    dtype, keys = inputs.dtype, inputs.keys
+
+    def zero(key: str) -> Tensor:
+        return torch.zeros_like(inputs.pretrained[key], dtype=dtype)
+
+    def task_vector(task: int) -> _KeyView:
+        theta = inputs.finetuned[task]
+        return _KeyView(keys, lambda k: theta[k].to(dtype) - inputs.pretrained[k].to(dtype))
+
+    around_zero = MergeInputs(
+        pretrained=_KeyView(keys, zero),
+        finetuned=[task_vector(t) for t in range(inputs.n_tasks)],
+        keys=keys,
+        dtype=dtype,
+    )
+    return MERGE_METHODS.get(method).fn(around_zero, options)
 
 
 def tall_masks(taus: list[Tensor], multi: Tensor, lambdas: list[float]) -> list[Tensor]:
@@ -91,7 +107,7 @@ def _validate_consensus(options: Mapping[str, Any]) -> dict[str, Any]:
     spec = dict(_CONSENSUS_OPTIONS)
     context = ""
     if base == "ties":
-        ties = {k: v for k, v in MERGE_METHODS["ties"].options.items() if k != "scaling"}
+        ties = {k: v for k, v in MERGE_METHODS.get("ties").options.items() if k != "scaling"}
         # the TALL-mask authors build the consensus TIES vector with the "sum" disjoint merge
         if "merge_rule" in ties:
             ties["merge_rule"] = Option("sum", ties["merge_rule"].check)
