@@ -149,22 +149,30 @@ def _consensus(inputs: MergeInputs, options: Mapping[str, Any]) -> dict[str, Ten
 def _magmax(inputs: MergeInputs, options: Mapping[str, Any]) -> dict[str, Tensor]:
     """MagMax: every entry takes the task-vector value of largest magnitude; on equal magnitudes
     the later task wins (the official code's ``>=``). ``scaling`` defaults to 0.5, the official
-    8-task reproduction's coefficient (FusionBench's default)."""
+    8-task reproduction's coefficient (FusionBench's default).
+
+    The running maximum and its magnitude are updated in place, in buffers reused for every
+    task: this is a memory-bound fold, and fresh allocations (page faults) would dominate it."""
     out: dict[str, Tensor] = {}
     for key in inputs.keys:
         taus = inputs.task_vectors(key)
         best = taus[0]
+        best_abs = best.abs()
+        magnitude = torch.empty_like(best_abs)
+        take = torch.empty_like(best_abs, dtype=torch.bool)
         for tau in taus[1:]:
-            best = torch.where(tau.abs() >= best.abs(), tau, best)
+            torch.abs(tau, out=magnitude)
+            torch.ge(magnitude, best_abs, out=take)
+            torch.where(take, tau, best, out=best)
+            torch.maximum(magnitude, best_abs, out=best_abs)
+        del taus, best_abs, magnitude, take
         out[key] = scaled_result(inputs, key, best, options["scaling"])
     return out
 
 
-def _cosine(a: Tensor, b: Tensor) -> float:
+def _cosine(dot: float, square_a: float, square_b: float) -> float:
     """FusionBench's per-tensor cosine: ``<a, b> / (sqrt(|a|^2 |b|^2) + 1e-8)``, clamped."""
-    dot = float(torch.dot(a.reshape(-1), b.reshape(-1)))
-    squares = float(a.reshape(-1).dot(a.reshape(-1))) * float(b.reshape(-1).dot(b.reshape(-1)))
-    return min(1.0, max(-1.0, dot / (math.sqrt(squares) + _MODEL_STOCK_EPS)))
+    return min(1.0, max(-1.0, dot / (math.sqrt(square_a * square_b) + _MODEL_STOCK_EPS)))
 
 
 def model_stock_ratio(taus: list[Tensor]) -> float:
@@ -172,7 +180,13 @@ def model_stock_ratio(taus: list[Tensor]) -> float:
     θ the mean pairwise angle between the task vectors (angles averaged, not cosines, as
     FusionBench does for more than two models)."""
     n = len(taus)
-    angles = [math.acos(_cosine(taus[i], taus[j])) for i in range(n) for j in range(i + 1, n)]
+    flat = [tau.reshape(-1) for tau in taus]
+    squares = [float(v.dot(v)) for v in flat]
+    angles = [
+        math.acos(_cosine(float(flat[i].dot(flat[j])), squares[i], squares[j]))
+        for i in range(n)
+        for j in range(i + 1, n)
+    ]
     cos = math.cos(sum(angles) / len(angles))
     return n * cos / ((n - 1) * cos + 1 + _MODEL_STOCK_EPS)
 

@@ -107,8 +107,11 @@ def della_keep_probabilities(tau: Tensor, density: float, epsilon: float) -> Ten
     shape = [1] * rows.dim()
     shape[1] = width
     positions = torch.arange(width, dtype=tau.dtype, device=tau.device).reshape(shape)
+    # one sort and a scatter give the ranks (mergekit sorts twice); the rest is mergekit's
+    # expression, operation for operation, so the probabilities are bit-identical
     ranks = torch.empty_like(rows).scatter_(1, order, positions.expand_as(rows))
-    return ranks.mul_(2 * epsilon / (width - 1)).add_(density - epsilon).reshape(tau.shape)
+    rank_norm = (ranks / (width - 1)).clamp_(0, 1)
+    return ((density - epsilon) + rank_norm * 2 * epsilon).reshape(tau.shape)
 
 
 def della_prune(tau: Tensor, density: float, epsilon: float, generator: torch.Generator) -> Tensor:
@@ -120,7 +123,7 @@ def della_prune(tau: Tensor, density: float, epsilon: float, generator: torch.Ge
     # Drawn on the CPU so the mask does not depend on the device the tensors live on.
     draws = torch.rand(tau.shape, generator=generator, dtype=tau.dtype).to(tau.device)
     kept = torch.where(draws < probabilities, tau, 0.0)
-    before, after = float(tau.abs().sum()), float(kept.abs().sum())
+    before, after = tau.abs().sum(), kept.abs().sum()
     if before < _RESCALE_EPS or after < _RESCALE_EPS:
         return kept
     return kept.mul_(before / after)
@@ -139,10 +142,14 @@ def _della(inputs: MergeInputs, options: Mapping[str, Any]) -> dict[str, Tensor]
         for task, tau in enumerate(inputs.task_vectors(key)):
             generator = torch.Generator().manual_seed(_stable_seed(options["seed"], task, key))
             pruned.append(della_prune(tau, density, epsilon, generator))
-        elected = torch.where(_accumulate(pruned) >= 0, 1.0, -1.0).to(pruned[0].dtype)
-        agree = [torch.sign(value) == elected for value in pruned]
-        total = _accumulate(torch.where(a, v, 0.0) for a, v in zip(agree, pruned))
-        count = _accumulate(a.to(total.dtype) for a in agree).clamp_(min=1)
+        # mergekit's reductions over the stacked tasks: an elected sign decided by a sum near 0
+        # must not depend on the order of additions
+        stack = torch.stack(pruned)
+        del pruned
+        elected = torch.where(stack.sum(dim=0) >= 0, 1.0, -1.0).to(stack.dtype)
+        agree = stack.sign() == elected
+        total = stack.mul_(agree).sum(dim=0)
+        count = agree.sum(dim=0).to(total.dtype).clamp_(min=1)
         out[key] = scaled_result(inputs, key, total.div_(count), options["scaling"])
     return out
 
