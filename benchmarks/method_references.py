@@ -14,8 +14,10 @@ Computation happens in float32, or float64 when an input is float64.
 
 from __future__ import annotations
 
+import importlib.util
 import math
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -154,26 +156,15 @@ def iso_cts_reference(
 
 
 def _ties_vector(tvs: Sequence[Mapping[str, Tensor]], density: float, merge_rule: str) -> dict:
-    """TIES on the flattened model (top-k per task over all keys, majority sign for zero sums)."""
-    keys = list(tvs[0])
-    flat = torch.stack([torch.cat([tv[k].reshape(-1) for k in keys]) for tv in tvs])
-    n = flat.shape[1]
-    k = max(1, min(n, int(density * n + 0.5)))
-    kth = flat.abs().kthvalue(n - k + 1, dim=1, keepdim=True).values
-    trimmed = torch.where(flat.abs() >= kth, flat, 0.0)
-    sign = torch.sign(trimmed.sum(dim=0))
-    majority = torch.sign(sign.sum())
-    sign[sign == 0] = majority if majority != 0 else 1.0
-    agree = torch.sign(trimmed) == sign
-    total = torch.where(agree, trimmed, 0.0).sum(dim=0)
-    if merge_rule == "mean":
-        total = total / agree.sum(dim=0).clamp(min=1)
-    out, offset = {}, 0
-    for key in keys:
-        size = tvs[0][key].numel()
-        out[key] = total[offset : offset + size].reshape(tvs[0][key].shape)
-        offset += size
-    return out
+    """The flat TIES of ``merge_speed.py`` applied around a zero theta_0: its merged task vector."""
+    spec = importlib.util.spec_from_file_location(
+        "merge_speed", Path(__file__).with_name("merge_speed.py")
+    )
+    assert spec is not None and spec.loader is not None
+    merge_speed = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(merge_speed)
+    zero = {k: torch.zeros_like(v) for k, v in tvs[0].items()}
+    return merge_speed.reference_ties_flat(zero, tvs, density, 1.0, merge_rule)
 
 
 def consensus_reference(

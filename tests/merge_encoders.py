@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
+import pytest
 import torch
 from torch import Tensor
 
@@ -64,3 +65,13 @@ def assert_close_states(
             assert error <= tolerance * SCALE, (key, error)
         else:
             assert torch.equal(actual[key], value), key
+
+
+def assert_bad_option(method: str, options: dict, message: str) -> None:
+    """Merging with ``options`` fails with one line matching ``message``."""
+    from lightning_simo.merging import merge
+
+    pretrained, finetuned = random_encoders()
+    with pytest.raises(ValueError, match=message) as info:
+        merge(pretrained, finetuned, method, **options)
+    assert "\n" not in str(info.value)

@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from merge_encoders import assert_close_states, random_encoders, references
+from merge_encoders import assert_bad_option, assert_close_states, random_encoders, references
 
 from lightning_simo.merging import merge
 from lightning_simo.merging.mask_methods import model_stock_ratio
@@ -23,6 +23,7 @@ def t(*values: float) -> torch.Tensor:
         ("consensus", {}),
         ("consensus", {"k": 1, "tall_lambda": [0.2, 0.4, 0.6], "scaling": 0.5}),
         ("consensus", {"k": 3, "tall_lambda": 0.3}),
+        ("consensus", {"base": "ties", "density": 0.3}),
         ("magmax", {}),
         ("magmax", {"scaling": 1.2}),
         ("model_stock", {}),
@@ -124,7 +125,4 @@ def test_model_stock_needs_two_models() -> None:
     ],
 )
 def test_bad_options_name_method_and_option(method: str, options: dict, message: str) -> None:
-    pretrained, finetuned = random_encoders()
-    with pytest.raises(ValueError, match=message) as info:
-        merge(pretrained, finetuned, method, **options)
-    assert "\n" not in str(info.value)
+    assert_bad_option(method, options, message)

@@ -10,7 +10,7 @@ The methods themselves live in :mod:`~lightning_simo.merging.svd_methods`,
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from torch import Tensor
@@ -20,6 +20,7 @@ from lightning_simo.merging.methods import MergeInputs, _accumulate, _Invalid, _
 __all__ = [
     "is_matrix",
     "mean_task_vector",
+    "merge_matrices",
     "non_negative_integer",
     "non_negative_or_per_task",
     "optional_per_task",
@@ -39,6 +40,25 @@ def is_matrix(inputs: MergeInputs, key: str) -> bool:
 def mean_task_vector(taus: Sequence[Tensor]) -> Tensor:
     """The mean of the task vectors, the fallback of every SVD-based method for non-matrices."""
     return _accumulate(taus).div_(len(taus))
+
+
+def merge_matrices(
+    inputs: MergeInputs,
+    merge_matrix: Callable[[list[Tensor], str], Tensor],
+    scaling: float,
+    weights: Sequence[float] | None = None,
+) -> dict[str, Tensor]:
+    """The loop of the SVD-style methods: ``merge_matrix(taus, key)`` on two-dimensional tensors,
+    the mean task vector on every other one, each task vector first scaled by its ``weights``
+    entry (if given), and ``theta_0 + scaling * merged`` as the result."""
+    out: dict[str, Tensor] = {}
+    for key in inputs.keys:
+        taus = inputs.task_vectors(key)
+        if weights is not None:
+            taus = [tau.mul_(w) for tau, w in zip(taus, weights)]
+        direction = merge_matrix(taus, key) if is_matrix(inputs, key) else mean_task_vector(taus)
+        out[key] = scaled_result(inputs, key, direction, scaling)
+    return out
 
 
 def scaled_result(inputs: MergeInputs, key: str, direction: Tensor, scaling: float) -> Tensor:

@@ -25,7 +25,7 @@ from torch import Tensor
 
 from lightning_simo.merging.data_free import (
     is_matrix,
-    mean_task_vector,
+    merge_matrices,
     optional_per_task,
     per_task,
     scaled_result,
@@ -82,14 +82,7 @@ def _tsv(inputs: MergeInputs, options: Mapping[str, Any]) -> dict[str, Tensor]:
     the SVD (FusionBench's ``alpha`` given as a list), ``scaling`` the merged one (``alpha`` as a
     number)."""
     weights = per_task(options["task_weights"], inputs, "tsv", "task_weights")
-    out: dict[str, Tensor] = {}
-    for key in inputs.keys:
-        taus = inputs.task_vectors(key)
-        if weights is not None:
-            taus = [tau.mul_(w) for tau, w in zip(taus, weights)]
-        direction = _tsv_matrix(taus) if is_matrix(inputs, key) else mean_task_vector(taus)
-        out[key] = scaled_result(inputs, key, direction, options["scaling"])
-    return out
+    return merge_matrices(inputs, lambda taus, key: _tsv_matrix(taus), options["scaling"], weights)
 
 
 def _iso_c(inputs: MergeInputs, options: Mapping[str, Any]) -> dict[str, Tensor]:
@@ -144,15 +137,10 @@ def _iso_cts(inputs: MergeInputs, options: Mapping[str, Any]) -> dict[str, Tenso
     """Iso-CTS: per matrix, the top directions of the summed task vectors (the common subspace,
     about ``common_fraction`` of the rank) plus each task's top directions orthogonal to it (equal
     shares), both bases whitened, all with the mean singular value; other tensors take the mean."""
-    out: dict[str, Tensor] = {}
-    for key in inputs.keys:
-        taus = inputs.task_vectors(key)
-        if is_matrix(inputs, key):
-            direction = _iso_cts_matrix(taus, options["common_fraction"], key)
-        else:
-            direction = mean_task_vector(taus)
-        out[key] = scaled_result(inputs, key, direction, options["scaling"])
-    return out
+    fraction = options["common_fraction"]
+    return merge_matrices(
+        inputs, lambda taus, key: _iso_cts_matrix(taus, fraction, key), options["scaling"]
+    )
 
 
 register_merge_method(

@@ -20,13 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_simo.merging.data_free import (
-    is_matrix,
-    mean_task_vector,
-    positive,
-    positive_integer,
-    scaled_result,
-)
+from lightning_simo.merging.data_free import merge_matrices, positive, positive_integer
 from lightning_simo.merging.methods import (
     MergeInputs,
     Option,
@@ -68,15 +62,10 @@ def wudi_matrix(taus: Sequence[Tensor], iterations: int, lr: float) -> Tensor:
 
 def _wudi(inputs: MergeInputs, options: Mapping[str, Any]) -> dict[str, Tensor]:
     """WUDI on each two-dimensional tensor (:func:`wudi_matrix`); mean task vector elsewhere."""
-    out: dict[str, Tensor] = {}
-    for key in inputs.keys:
-        taus = inputs.task_vectors(key)
-        if is_matrix(inputs, key):
-            direction = wudi_matrix(taus, options["iterations"], options["lr"])
-        else:
-            direction = mean_task_vector(taus)
-        out[key] = scaled_result(inputs, key, direction, options["scaling"])
-    return out
+    iterations, lr = options["iterations"], options["lr"]
+    return merge_matrices(
+        inputs, lambda taus, key: wudi_matrix(taus, iterations, lr), options["scaling"]
+    )
 
 
 register_merge_method(
