@@ -188,7 +188,7 @@ def consensus_reference(
     dtype = tvs[0][keys[0]].dtype
     flat_ptm = torch.cat([pretrained[key].to(dtype).reshape(-1) for key in keys])
     flat_ft = torch.stack(
-        [flat_ptm + torch.cat([tv[key].reshape(-1) for key in keys]) for tv in tvs]
+        [torch.cat([ft[key].to(dtype).reshape(-1) for key in keys]) for ft in finetuned]
     )
     if base == "ties":
         multi_sd = (
@@ -239,7 +239,7 @@ def model_stock_reference(pretrained: State, finetuned: Sequence[State]):
             for j in range(i + 1, n):
                 v1, v2 = thetas[i] - w0, thetas[j] - w0
                 cos = torch.sum(v1 * v2) / (math.sqrt(torch.sum(v1**2) * torch.sum(v2**2)) + eps)
-                angles.append(math.degrees(math.acos(float(cos.clamp(-1, 1)))))
+                angles.append(math.degrees(float(torch.acos(cos.clamp(-1, 1)))))
         angle = math.radians(sum(angles) / len(angles))
         ratio = n * math.cos(angle) / ((n - 1) * math.cos(angle) + 1 + eps)
         average = torch.stack(thetas).mean(dim=0)

@@ -88,10 +88,17 @@ def merged_task_vectors(
     return MERGE_METHODS.get(method).fn(around_zero, options)
 
 
-def tall_masks(taus: list[Tensor], multi: Tensor, lambdas: list[float]) -> list[Tensor]:
-    """TALL masks: task t claims the entries where ``|tau_t| > lambda_t * |tau_MTL - tau_t|``
-    (``|theta_0 - theta_t|`` against ``|theta_MTL - theta_t|``, strictly greater)."""
-    return [tau.abs() > (multi - tau).abs().mul_(lam) for tau, lam in zip(taus, lambdas)]
+def tall_masks(
+    theta0: Tensor, thetas: list[Tensor], multi: Tensor, lambdas: list[float]
+) -> list[Tensor]:
+    """TALL masks: task t claims the entries where ``|theta_0 - theta_t| > lambda_t *
+    |theta_MTL - theta_t|`` (strictly), ``theta_MTL = theta_0 + multi``. Computed on the weights,
+    as FusionBench does, so decisions at the boundary are the reference's own."""
+    merged = theta0 + multi
+    return [
+        (theta0 - theta).abs_() > (merged - theta).abs_().mul_(lam)
+        for theta, lam in zip(thetas, lambdas)
+    ]
 
 
 _CONSENSUS_OPTIONS = {
@@ -140,7 +147,8 @@ def _consensus(inputs: MergeInputs, options: Mapping[str, Any]) -> dict[str, Ten
     for key in inputs.keys:
         taus = inputs.task_vectors(key)
         vector = _accumulate(taus) if multi is None else multi.pop(key)
-        votes = _accumulate(m.to(torch.int32) for m in tall_masks(taus, vector, lambdas))
+        masks = tall_masks(inputs.theta0(key), inputs.thetas(key), vector, lambdas)
+        votes = _accumulate(m.to(torch.int32) for m in masks)
         vector.masked_fill_(votes < options["k"], 0.0)
         out[key] = scaled_result(inputs, key, vector, options["scaling"])
     return out
@@ -170,9 +178,11 @@ def _magmax(inputs: MergeInputs, options: Mapping[str, Any]) -> dict[str, Tensor
     return out
 
 
-def _cosine(dot: float, square_a: float, square_b: float) -> float:
-    """FusionBench's per-tensor cosine: ``<a, b> / (sqrt(|a|^2 |b|^2) + 1e-8)``, clamped."""
-    return min(1.0, max(-1.0, dot / (math.sqrt(square_a * square_b) + _MODEL_STOCK_EPS)))
+def _angle(a: Tensor, b: Tensor, square_a: Tensor, square_b: Tensor) -> float:
+    """FusionBench's per-tensor angle in degrees, operation for operation:
+    ``acos(<a, b> / (sqrt(|a|^2 |b|^2) + 1e-8))`` clamped, in the tensors' precision."""
+    cosine = torch.sum(a * b) / (math.sqrt(square_a * square_b) + _MODEL_STOCK_EPS)
+    return math.degrees(float(torch.acos(cosine.clamp(-1.0, 1.0))))
 
 
 def model_stock_ratio(taus: list[Tensor]) -> float:
@@ -180,14 +190,11 @@ def model_stock_ratio(taus: list[Tensor]) -> float:
     θ the mean pairwise angle between the task vectors (angles averaged, not cosines, as
     FusionBench does for more than two models)."""
     n = len(taus)
-    flat = [tau.reshape(-1) for tau in taus]
-    squares = [float(v.dot(v)) for v in flat]
+    squares = [torch.sum(tau**2) for tau in taus]
     angles = [
-        math.acos(_cosine(float(flat[i].dot(flat[j])), squares[i], squares[j]))
-        for i in range(n)
-        for j in range(i + 1, n)
+        _angle(taus[i], taus[j], squares[i], squares[j]) for i in range(n) for j in range(i + 1, n)
     ]
-    cos = math.cos(sum(angles) / len(angles))
+    cos = math.cos(math.radians(sum(angles) / len(angles)))
     return n * cos / ((n - 1) * cos + 1 + _MODEL_STOCK_EPS)
 
 

@@ -121,9 +121,10 @@ def _iso_cts_matrix(taus: Sequence[Tensor], common_fraction: float, key: str) ->
     u, s, vh = torch.linalg.svd(_accumulate(taus), full_matrices=False)
     common_u, common_s, common_vh = u[:, :common], s[:common], vh[:common]
     del u, vh
+    projector = common_u @ common_u.T  # FusionBench's order: (U U^T) tau, not U (U^T tau)
     us, ss, vhs = [], [], []
     for tau in taus:
-        specific = tau - common_u @ (common_u.T @ tau)
+        specific = tau - projector @ tau
         u_t, s_t, vh_t = torch.linalg.svd(specific, full_matrices=False)
         us.append(u_t[:, :per_task_dims])
         ss.append(s_t[:per_task_dims])
