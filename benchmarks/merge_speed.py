@@ -19,7 +19,15 @@ Results are compared through a SHA-256 of every output tensor and must be identi
 
 The reference functions are also the ground truth of ``tests/test_merging.py``.
 
-Usage: ``python benchmarks/merge_speed.py [--size base|small] [--repeat N]``
+``--methods`` (all data-free methods, or the ones named) instead measures each data-free method
+(TSV, Iso-C/CTS, consensus, MagMax, Model Stock, Breadcrumbs, DELLA, WUDI) in the engine against
+its straightforward implementation in ``benchmarks/method_references.py`` (every task vector
+materialised first, per-key stacks, the reference code's own operations), each in its own
+subprocess as above. Results must agree to 1e-5 of the task-vector scale (SVDs and sums in a
+different order are not bit-identical; the largest difference is printed).
+
+Usage: ``python benchmarks/merge_speed.py [--size base|small] [--repeat N]
+[--methods [NAME ...]] [--wudi-iterations N]``
 """
 
 from __future__ import annotations
@@ -40,8 +48,16 @@ from torch import Tensor
 
 __all__ = ["reference_task_arithmetic_flat", "reference_ties_flat"]
 
-MODELS = {"base": "vit_base_patch14_dinov2", "small": "vit_small_patch14_dinov2"}
+MODELS = {
+    "base": "vit_base_patch14_dinov2",
+    "small": "vit_small_patch14_dinov2",
+    "tiny": "vit_tiny_patch16_224",
+}
 VARIANTS = ("engine-task_arithmetic", "flat-task_arithmetic", "engine-ties", "flat-ties")
+DATA_FREE = (
+    "tsv", "iso_c", "iso_cts", "consensus", "magmax", "model_stock", "breadcrumbs", "della", "wudi"
+)  # fmt: skip
+METHOD_VARIANTS = tuple(f"{side}-{m}" for m in DATA_FREE for side in ("engine", "reference"))
 N_TASKS = 3
 DENSITY = 0.2
 SCALING = 0.3
@@ -174,15 +190,44 @@ def _digest(state: Mapping[str, Tensor]) -> str:
     return digest.hexdigest()
 
 
-def run_variant(variant: str, size: str) -> dict[str, float | str]:
+def _method_merge(variant: str, pretrained, finetuned, wudi_iterations: int):
+    """A closure running one data-free variant (``engine-<method>`` / ``reference-<method>``)."""
+    from lightning_simo.merging import merge
+    from lightning_simo.merging.methods import _stable_seed
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import method_references
+
+    side, method = variant.split("-", 1)
+    options = {"iterations": wudi_iterations} if method == "wudi" else {}
+    if side == "engine":
+        return lambda: merge(pretrained, finetuned, method, **options)
+    if method == "della":
+
+        def draws(task: int, key: str, shape: torch.Size, dtype: torch.dtype) -> Tensor:
+            generator = torch.Generator().manual_seed(_stable_seed(0, task, key))
+            return torch.rand(shape, generator=generator, dtype=dtype)
+
+        options["draws"] = draws
+    return lambda: method_references.REFERENCES[method](pretrained, finetuned, **options)
+
+
+def run_variant(
+    variant: str, size: str, wudi_iterations: int = 10, save: str | None = None
+) -> dict[str, float | str]:
     from lightning_simo.merging import merge
 
     pretrained, finetuned = make_inputs(size)
+    method_run = None
+    if variant in METHOD_VARIANTS:
+        method_run = _method_merge(variant, pretrained, finetuned, wudi_iterations)
     _release_free_heap()
     Path("/proc/self/clear_refs").write_text("5")  # reset the peak-RSS counter (VmHWM)
     before = _status_kib("VmRSS")
     start, cpu_start = time.perf_counter(), time.process_time()
-    if variant == "engine-task_arithmetic":
+    if method_run is not None:
+        out = method_run()
+    elif variant == "engine-task_arithmetic":
         out = merge(pretrained, finetuned, "task_arithmetic", scaling=SCALING)
     elif variant == "flat-task_arithmetic":
         out = reference_task_arithmetic_flat(pretrained, finetuned, SCALING)
@@ -194,6 +239,10 @@ def run_variant(variant: str, size: str) -> dict[str, float | str]:
         raise ValueError(f"unknown variant {variant!r}")
     wall, cpu = time.perf_counter() - start, time.process_time() - cpu_start
     peak = _status_kib("VmHWM")
+    if save:
+        from safetensors.torch import save_file
+
+        save_file({k: v.contiguous() for k, v in out.items()}, save)
     return {
         "wall_s": wall,
         "cpu_s": cpu,
@@ -201,6 +250,97 @@ def run_variant(variant: str, size: str) -> dict[str, float | str]:
         "digest": _digest(out),
         "params": sum(v.numel() for v in pretrained.values()),
     }
+
+
+def _measure(variant: str, args: argparse.Namespace, *extra: str) -> dict[str, float | str]:
+    """Best of ``args.repeat`` runs of ``variant``, each in a fresh subprocess."""
+    runs = []
+    for _ in range(args.repeat):
+        proc = subprocess.run(
+            [
+                sys.executable,
+                __file__,
+                *("--size", args.size, "--threads", str(args.threads)),
+                *("--wudi-iterations", str(args.wudi_iterations)),
+                *("--worker", variant),
+                *extra,
+            ],
+            check=True,
+            capture_output=True,
+            text=True,
+        )
+        runs.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    assert all(r["digest"] == runs[0]["digest"] for r in runs), f"{variant} not deterministic"
+    return {
+        "wall_s": min(float(r["wall_s"]) for r in runs),
+        "cpu_s": min(float(r["cpu_s"]) for r in runs),
+        "peak_mib": min(float(r["peak_mib"]) for r in runs),
+        "digest": runs[0]["digest"],
+        "params": runs[0]["params"],
+    }
+
+
+def _print_table(
+    results: Mapping[str, Mapping[str, float | str]], args: argparse.Namespace
+) -> None:
+    params = int(next(iter(results.values()))["params"])
+    print(
+        f"{MODELS[args.size]}: {params / 1e6:.1f}M params x {N_TASKS} tasks, "
+        f"{torch.get_num_threads()} threads, best of {args.repeat}"
+    )
+    print(f"{'variant':24s} {'wall (s)':>9s} {'CPU (s)':>8s} {'peak RSS delta (MiB)':>21s}")
+    for variant, result in results.items():
+        print(
+            f"{variant:24s} {float(result['wall_s']):9.2f} {float(result['cpu_s']):8.2f} "
+            f"{float(result['peak_mib']):21.0f}"
+        )
+
+
+def _max_difference(engine: str, reference: str, scale: float) -> float:
+    """Largest |engine - reference| over all tensors, in units of the task-vector scale."""
+    from safetensors.torch import load_file
+
+    a, b = load_file(engine), load_file(reference)
+    assert list(a) == list(b), "engine and reference return different keys"
+    return max(float((a[k].double() - b[k].double()).abs().max()) for k in a) / scale
+
+
+def main_methods(args: argparse.Namespace) -> None:
+    """Every data-free method: engine vs straightforward implementation, same inputs."""
+    import tempfile
+
+    methods = args.methods or list(DATA_FREE)
+    unknown = sorted(set(methods) - set(DATA_FREE))
+    if unknown:
+        raise SystemExit(f"unknown data-free method(s) {unknown}; choose from {list(DATA_FREE)}")
+    results: dict[str, dict[str, float | str]] = {}
+    differences: dict[str, float] = {}
+    with tempfile.TemporaryDirectory() as folder:
+        for method in methods:
+            saved = {}
+            for side in ("engine", "reference"):
+                variant = f"{side}-{method}"
+                saved[side] = str(Path(folder) / f"{variant}.safetensors")
+                results[variant] = _measure(variant, args, "--save", saved[side])
+            differences[method] = _max_difference(saved["engine"], saved["reference"], 0.01)
+    _print_table(results, args)
+    print(f"(WUDI with {args.wudi_iterations} Adam steps per matrix)")
+    for method in methods:
+        engine, ref = results[f"engine-{method}"], results[f"reference-{method}"]
+        time_ratio = float(engine["cpu_s"]) / float(ref["cpu_s"])
+        wall_ratio = float(engine["wall_s"]) / float(ref["wall_s"])
+        memory = float(engine["peak_mib"]) / max(float(ref["peak_mib"]), 1e-9)
+        same = "identical" if engine["digest"] == ref["digest"] else (
+            f"max difference {differences[method]:.1e} x the task-vector scale"
+        )  # fmt: skip
+        print(
+            f"{method}: engine takes {time_ratio:.2f}x the CPU time ({wall_ratio:.2f}x wall) and "
+            f"{memory:.2f}x the peak memory of the straightforward implementation; {same}"
+        )
+    # WUDI's Adam steps normalise the gradient, so where it is near zero a rounding difference
+    # between the closed-form and the autograd gradient changes a step by up to lr
+    differ = [m for m in methods if differences[m] > (1e-3 if m == "wudi" else 1e-5)]
+    assert not differ, f"engine and reference differ for {differ}"
 
 
 def main() -> None:
@@ -214,50 +354,30 @@ def main() -> None:
         help="torch intra-op threads in every variant (0: torch's default). One thread by default: "
         "on a shared machine, multi-threaded runs mostly measure the neighbours' load",
     )
-    parser.add_argument("--worker", choices=VARIANTS, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--methods",
+        nargs="*",
+        default=None,
+        help="benchmark the data-free methods (all, or those named) instead of TA / TIES",
+    )
+    parser.add_argument(
+        "--wudi-iterations", type=int, default=10, help="Adam steps per matrix in WUDI runs"
+    )
+    parser.add_argument("--worker", choices=VARIANTS + METHOD_VARIANTS, help=argparse.SUPPRESS)
+    parser.add_argument("--save", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     if args.worker:
-        print(json.dumps(run_variant(args.worker, args.size)))
+        result = run_variant(args.worker, args.size, args.wudi_iterations, args.save)
+        print(json.dumps(result))
+        return
+    if args.methods is not None:
+        main_methods(args)
         return
 
-    results: dict[str, dict[str, float | str]] = {}
-    for variant in VARIANTS:
-        runs = []
-        for _ in range(args.repeat):
-            proc = subprocess.run(
-                [
-                    sys.executable,
-                    __file__,
-                    *("--size", args.size, "--threads", str(args.threads)),
-                    *("--worker", variant),
-                ],
-                check=True,
-                capture_output=True,
-                text=True,
-            )
-            runs.append(json.loads(proc.stdout.strip().splitlines()[-1]))
-        results[variant] = {
-            "wall_s": min(float(r["wall_s"]) for r in runs),
-            "cpu_s": min(float(r["cpu_s"]) for r in runs),
-            "peak_mib": min(float(r["peak_mib"]) for r in runs),
-            "digest": runs[0]["digest"],
-            "params": runs[0]["params"],
-        }
-        assert all(r["digest"] == runs[0]["digest"] for r in runs), f"{variant} not deterministic"
-
-    params = int(results[VARIANTS[0]]["params"])
-    print(
-        f"{MODELS[args.size]}: {params / 1e6:.1f}M params x {N_TASKS} tasks, "
-        f"{torch.get_num_threads()} threads, best of {args.repeat}"
-    )
-    print(f"{'variant':24s} {'wall (s)':>9s} {'CPU (s)':>8s} {'peak RSS delta (MiB)':>21s}")
-    for variant, result in results.items():
-        print(
-            f"{variant:24s} {float(result['wall_s']):9.2f} {float(result['cpu_s']):8.2f} "
-            f"{float(result['peak_mib']):21.0f}"
-        )
+    results = {variant: _measure(variant, args) for variant in VARIANTS}
+    _print_table(results, args)
     for method in ("task_arithmetic", "ties"):
         engine, flat = results[f"engine-{method}"], results[f"flat-{method}"]
         assert engine["digest"] == flat["digest"], f"{method}: engine and reference differ"

@@ -3,7 +3,14 @@
 >>> merged = merge(theta0, [theta_seg, theta_depth], "ties", density=0.2, scaling=1.0)
 """
 
-from lightning_simo.merging import data_based  # noqa: F401  (registers regmean, fisher)
+# The data-free methods register themselves on import, next to the built-in ones.
+from lightning_simo.merging import (  # noqa: F401
+    data_based,  # noqa: F401  (registers regmean, fisher)
+    mask_methods,
+    sparse_methods,
+    svd_methods,
+    wudi,
+)
 from lightning_simo.merging.methods import (
     BN_STATS_POLICIES,
     MERGE_METHODS,
