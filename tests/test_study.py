@@ -35,7 +35,7 @@ def tiny_settings(out: Path, **overrides) -> StudySettings:
         },
         foundation_images=16,
         foundation_epochs=1,
-        single_task_epochs=1,
+        single_task_epochs=2,
         realign_epochs=1,
         budgets=[0.5],
         mtl_epochs=1,

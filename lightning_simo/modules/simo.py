@@ -37,11 +37,21 @@ def load_reference_metrics(paths: list[str]) -> dict[str, float]:
         p = Path(path)
         if not p.is_file():
             raise FileNotFoundError(
-                f"Reference metrics {path!r} not found; run `lightning_simo test` on the "
-                "single-task model first (it writes test_metrics.json in its run folder)."
+                f"{path}: reference metrics not found (run `lightning_simo test` on the "
+                "single-task model first: it writes test_metrics.json in its run folder)"
             )
-        data = json.loads(p.read_text())
-        merged.update({k: float(v) for k, v in data.get("metrics", data).items()})
+        try:
+            data = json.loads(p.read_text(encoding="utf-8"))
+            values = data.get("metrics", data) if isinstance(data, dict) else None
+            if not isinstance(values, dict):
+                raise ValueError(f"a JSON {type(data).__name__}, not a mapping of metrics")
+            merged.update({k: float(v) for k, v in values.items() if v is not None})
+        except (UnicodeDecodeError, ValueError, TypeError) as err:
+            detail = str(err).split("\n", 1)[0] or type(err).__name__
+            raise ValueError(
+                f"{path}: not a test_metrics.json ({detail}) (give the file `lightning_simo "
+                "test` wrote for the single-task model, or rerun that test)"
+            ) from None
     return merged
 
 
