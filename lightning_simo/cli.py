@@ -136,9 +136,7 @@ class SIMOCLI(LightningCLI):
         ckpt_path = self.config[sub].get("ckpt_path") if sub else None
         if ckpt_path and ckpt_path not in RESUME_KEYWORDS:
             # read as data, with a one-line diagnosis, before Lightning reads its hparams
-            self._checkpoint_heads = sorted(
-                head_state_dicts(read_checkpoint(ckpt_path)["state_dict"])
-            )
+            self._checkpoint_shapes(str(ckpt_path))
         init_args = self.config[sub].get("model", {}).get("init_args") if sub else None
         given = {k: init_args.get(k) for k in self.EVALUATION_ARGS} if init_args else {}
         super()._parse_ckpt_path()
@@ -261,9 +259,8 @@ class SIMOCLI(LightningCLI):
         if ckpt_path is None or ckpt_path in RESUME_KEYWORDS:
             return
         config["ckpt_path"] = str(ckpt_path)
-        heads = getattr(self, "_checkpoint_heads", None)
-        if heads is None or str(ckpt_path) != str(self.config[subcommand].get("ckpt_path")):
-            heads = sorted(head_state_dicts(read_checkpoint(ckpt_path)["state_dict"]))
+        shapes = self._checkpoint_shapes(str(ckpt_path))
+        heads = sorted(head_state_dicts(shapes))
         tasks = list(getattr(self.model, "task_specs", {}) or [])
         missing = [t for t in tasks if t not in heads]
         if heads and missing:
@@ -272,6 +269,22 @@ class SIMOCLI(LightningCLI):
                 f"{', '.join(heads)}; use --data.tasks '[{','.join(heads)}]' or the checkpoint "
                 f"trained for {', '.join(missing)})"
             )
+        own = self.model.state_dict()
+        for key, shape in shapes.items():
+            if key in own and tuple(own[key].shape) != shape:
+                raise CheckpointError(
+                    f"{ckpt_path}: made with another encoder or class count ({key} has shape "
+                    f"{list(shape)}, this model {list(own[key].shape)}) (use the config and "
+                    "--data.tasks the checkpoint was trained with)"
+                )
+
+    def _checkpoint_shapes(self, path: str) -> dict[str, tuple[int, ...]]:
+        """Tensor shapes of ``path``'s state dict, read once through the safe loader."""
+        cache: dict[str, dict[str, tuple[int, ...]]] = self.__dict__.setdefault("_shapes", {})
+        if path not in cache:
+            state = read_checkpoint(path)["state_dict"]
+            cache[path] = {k: tuple(v.shape) for k, v in state.items() if hasattr(v, "shape")}
+        return cache[path]
 
     def _last_checkpoint(self) -> Path:
         candidates = [

@@ -38,7 +38,7 @@ def tiny_settings(out: Path, **overrides) -> StudySettings:
         single_task_epochs=2,
         realign_epochs=1,
         budgets=[0.5],
-        mtl_epochs=1,
+        mtl_epochs=2,
         mtl_weightings=["equal", "gradnorm"],
         accelerator="cpu",
         extra_args=TINY_ENCODER,
