@@ -14,6 +14,7 @@ live at ``net.heads.<task>.``.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import pickle
@@ -158,10 +159,11 @@ def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
     """
     path = Path(path)
     obj = _read_file(path)
-    if not isinstance(obj, Mapping) or not isinstance(obj.get("state_dict"), Mapping):
+    lightning_keys = ("state_dict", "pytorch-lightning_version")
+    if not isinstance(obj, Mapping) or not all(k in obj for k in lightning_keys):
         kind = "a plain state dict" if isinstance(obj, Mapping) else f"a {type(obj).__name__}"
         raise CheckpointError(
-            f"{path}: {kind}, not a Lightning checkpoint (no 'state_dict' entry) (give a "
+            f"{path}: {kind}, not a Lightning checkpoint (no 'state_dict' and version) (give a "
             "checkpoint written by `lightning_simo fit`; plain weights go in "
             "--model.init_from or --model.encoder.checkpoint)"
         )
@@ -269,14 +271,22 @@ def _safetensors_ready(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
 
 
 def _save_atomic(obj: Any, target: Path) -> None:
-    def write(tmp: Path) -> None:
-        if _is_safetensors(target):
-            from safetensors.torch import save_file
+    """Serialise in memory, then write and fsync through Python's file API: a full disk or a
+    file-size limit is then an ``OSError`` with its errno (torch's own writer reports it as an
+    opaque RuntimeError), which :func:`~lightning_simo.io.atomic_write` turns into one line."""
+    if _is_safetensors(target):
+        from safetensors.torch import save
 
-            save_file(_safetensors_ready(obj), str(tmp))
-        else:
-            torch.save(obj, tmp)
-        with open(tmp, "rb") as handle:
+        data: bytes | memoryview = save(_safetensors_ready(obj))
+    else:
+        buffer = io.BytesIO()
+        torch.save(obj, buffer)
+        data = buffer.getbuffer()
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as handle:
+            handle.write(data)
+            handle.flush()
             os.fsync(handle.fileno())
 
     atomic_write(target, write)

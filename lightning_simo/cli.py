@@ -336,6 +336,15 @@ class SIMOCLI(LightningCLI):
                 "would never be fine-tuned (set --model.probe_epochs below --trainer.max_epochs, "
                 "or --model.freeze_encoder true for a linear probe)"
             )
+        for callback in self.trainer.callbacks:
+            if isinstance(callback, MergeCallback) and callback.checkpoints:
+                from lightning_simo.merging import MERGE_METHODS
+
+                if callback.method not in MERGE_METHODS:
+                    raise ValueError(
+                        f"merge.method {callback.method!r} is not a merging method (choose one "
+                        f"of: {', '.join(sorted(MERGE_METHODS))})"
+                    )
         if subcommand == "test" and hparams.get("reference_metrics"):
             from lightning_simo.modules.simo import load_reference_metrics
 

@@ -39,6 +39,9 @@ class OutputWriteError(OSError):
     """Writing an output failed (disk full, file-size limit, read-only folder); the message names
     the file and says that the previous version of it is untouched."""
 
+    def __str__(self) -> str:
+        return str(self.strerror)  # the message alone, without OSError's "[Errno N]" prefix
+
 
 class RunFolderError(ValueError):
     """A run folder cannot be used as asked (held by a live run, or holding an earlier run)."""

@@ -196,13 +196,17 @@ def test_sigkill_and_a_second_process_then_rerun(
     assert held.wait(timeout=60) == -signal.SIGKILL
     assert (root / LOCK_FILE).exists()  # a killed run cannot clean up: the lock is stale
 
-    if (root / "checkpoints" / "last.ckpt").is_file():
+    rerun = resume_args(held_args, root)
+    if rerun != held_args:
         # a plain rerun does not silently start over, nor write best-v1.ckpt beside best.ckpt
-        assert run_main(held_args) == 2
+        with pytest.warns(UserWarning, match=f"taking over the lock of PID {held.pid}"):
+            assert run_main(held_args) == 2
         err = capsys.readouterr().err
         assert "holds checkpoints of an earlier run" in err and "--ckpt_path last" in err, err
-    with pytest.warns(UserWarning, match=f"taking over the lock of PID {held.pid}"):
-        assert run_main(resume_args(held_args, root)) == 0, context
+        assert run_main(rerun) == 0, context
+    else:
+        with pytest.warns(UserWarning, match=f"taking over the lock of PID {held.pid}"):
+            assert run_main(rerun) == 0, context
     assert_equal_weights(expected, weights(root), context)
     assert not list((root / "checkpoints").glob("*-v1.ckpt"))
     assert not (root / LOCK_FILE).exists()

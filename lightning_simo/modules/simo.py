@@ -131,10 +131,24 @@ class SIMOModule(L.LightningModule):
     # ------------------------------------------------------------------ weights
     def load_net_weights(self, path: str, strict_heads: bool = True) -> None:
         """Load encoder + heads for this module's tasks from another checkpoint of a SIMONet."""
-        from lightning_simo.checkpoints import encoder_state_dict, head_state_dicts, load_state_dict
+        from lightning_simo.checkpoints import (
+            CheckpointError,
+            encoder_state_dict,
+            head_state_dicts,
+            load_state_dict,
+        )
 
         state = load_state_dict(path)
-        self.net.encoder.load_state_dict(encoder_state_dict(state), strict=False)
+        encoder = encoder_state_dict(state)
+        own = self.net.encoder.state_dict()
+        wrong = [k for k, v in encoder.items() if k in own and own[k].shape != v.shape]
+        if wrong:
+            raise CheckpointError(
+                f"{path}: made with another encoder ({wrong[0]} has shape "
+                f"{list(encoder[wrong[0]].shape)}, this model {list(own[wrong[0]].shape)}) (use "
+                "a checkpoint made with the same encoder settings: name, model_kwargs)"
+            )
+        self.net.encoder.load_state_dict(encoder, strict=False)
         heads = head_state_dicts(state)
         for task in self.task_specs:
             if task not in heads:

@@ -1,0 +1,216 @@
+"""Every bad file, one line, at every entry point that reads one.
+
+Files: pickled code (a payload that would create a marker file if unpickled), a truncated
+checkpoint, random bytes, an empty file, a JSON where a checkpoint is expected, a checkpoint of
+another encoder; for reference metrics: random bytes, an empty file, truncated JSON and a
+checkpoint where JSON is expected. Entry points: ``--ckpt_path`` (test and fit), the encoder
+checkpoint, ``init_from``, merge task checkpoints, ``merge.pretrained`` and
+``model.reference_metrics``. The loader tests check each diagnosis says what the file really is;
+the command-line rows (in-process ``main``) check what a user sees: exit 2, exactly one line
+``lightning_simo: error: <path>: ...``, no traceback, the marker never created, and no outputs.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import lightning
+import pytest
+import torch
+from test_bad_input import (
+    Setup,
+    WritesAFile,
+    fake_single_task_checkpoint,
+    outputs_in,
+)
+
+from lightning_simo.checkpoints import CheckpointError, load_state_dict, read_checkpoint
+from lightning_simo.cli import main
+
+ERROR_PREFIX = "lightning_simo: error: "
+TASKS = ("segmentation", "depth", "normals")
+
+
+def _code(folder: Path) -> Path:
+    path = folder / "code.ckpt"
+    torch.save({"state_dict": {"weight": WritesAFile(folder / "marker")}}, path)
+    return path
+
+
+def _truncated(folder: Path) -> Path:
+    good = fake_single_task_checkpoint(folder / "good.ckpt", "segmentation", seed=3)
+    path = folder / "truncated.ckpt"
+    path.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    return path
+
+
+def _random(folder: Path) -> Path:
+    path = folder / "random.ckpt"
+    path.write_bytes(bytes(torch.randint(0, 256, (4096,), dtype=torch.uint8).tolist()))
+    return path
+
+
+def _empty(folder: Path) -> Path:
+    path = folder / "empty.ckpt"
+    path.write_bytes(b"")
+    return path
+
+
+def _json(folder: Path) -> Path:
+    path = folder / "metrics.ckpt"
+    path.write_text(json.dumps({"metrics": {"segmentation/miou": 40.0}}))
+    return path
+
+
+def _other_encoder(folder: Path) -> Path:
+    """A Lightning checkpoint of a wider encoder (no hyper-parameters to rebuild it from)."""
+    path = fake_single_task_checkpoint(folder / "wide.ckpt", "segmentation", seed=5, embed_dim=48)
+    ckpt = torch.load(path, weights_only=True)
+    torch.save({**ckpt, "pytorch-lightning_version": lightning.__version__}, path)
+    return path
+
+
+BAD_CHECKPOINTS: dict[str, tuple[Callable[[Path], Path], tuple[str, ...]]] = {
+    "pickled code": (_code, ("refused", "pickled code", "not executed", "state dict")),
+    "truncated": (_truncated, ("not a readable checkpoint", "truncated or corrupt")),
+    "random bytes": (_random, ("neither a torch file nor safetensors", "random")),
+    "empty": (_empty, ("empty file",)),
+    "json": (_json, ("a json file, not a checkpoint",)),
+}
+
+
+@pytest.mark.parametrize("kind", list(BAD_CHECKPOINTS))
+def test_loader_diagnoses_what_the_file_is(kind: str, tmp_path: Path) -> None:
+    make, words = BAD_CHECKPOINTS[kind]
+    path = make(tmp_path)
+    for load in (load_state_dict, read_checkpoint):
+        with pytest.raises(CheckpointError) as info:
+            load(path)
+        message = str(info.value)
+        assert message.startswith(f"{path}: ") and "\n" not in message, message
+        assert message.rstrip().endswith(")"), message  # ends with what to do
+        assert "weights_only" not in message
+        for word in words:
+            assert word in message.lower(), (word, message)
+        if kind != "pickled code":
+            assert "pickled" not in message, message  # not the wrong diagnosis
+    assert not (tmp_path / "marker").exists()
+
+
+def test_a_plain_state_dict_is_not_a_lightning_checkpoint(tmp_path: Path) -> None:
+    path = tmp_path / "weights.pt"
+    torch.save({"w": torch.ones(2)}, path)
+    with pytest.raises(CheckpointError, match="plain state dict, not a Lightning checkpoint"):
+        read_checkpoint(path)
+
+
+# ----------------------------------------------------------------------------- command line
+@pytest.fixture(scope="module")
+def task_checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("single_task")
+    return {
+        task: fake_single_task_checkpoint(folder / f"{task}.ckpt", task, seed=i)
+        for i, task in enumerate(TASKS)
+    }
+
+
+def _test_args(s: Setup, *extra: str) -> list[str]:
+    args = s.single_task(*extra)
+    return ["test", *args[1:]]
+
+
+ENTRY_POINTS: dict[str, Callable[[Setup, Path], list[str]]] = {
+    "test --ckpt_path": lambda s, bad: _test_args(s, "--ckpt_path", str(bad)),
+    "fit --ckpt_path": lambda s, bad: s.single_task("--ckpt_path", str(bad)),
+    "encoder checkpoint": lambda s, bad: s.single_task(
+        "--model.init_args.encoder", f"{{checkpoint: {bad}}}"
+    ),
+    "init_from": lambda s, bad: s.single_task("--model.init_args.init_from", str(bad)),
+    "merge checkpoints": lambda s, bad: s.merge(checkpoints={"depth": bad}),
+    "merge.pretrained": lambda s, bad: s.merge("--merge.pretrained", str(bad)),
+}
+
+ROWS = [("test --ckpt_path", kind) for kind in [*BAD_CHECKPOINTS, "other encoder"]] + [
+    (entry, kind)
+    for entry in list(ENTRY_POINTS)[1:]
+    for kind in ("pickled code", "json", "other encoder")
+]
+EXTRA_KINDS = {"other encoder": (_other_encoder, ())}
+
+
+def _run(args: list[str], capsys: pytest.CaptureFixture) -> tuple[int, str]:
+    capsys.readouterr()
+    try:
+        main(args)
+        code = 0
+    except SystemExit as exit_info:
+        code = int(exit_info.code or 0)
+    return code, capsys.readouterr().err
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("entry, kind", ROWS, ids=[f"{e}: {k}" for e, k in ROWS])
+def test_bad_file_at_entry_point(
+    entry: str,
+    kind: str,
+    tmp_path: Path,
+    task_checkpoints: dict[str, Path],
+    capsys: pytest.CaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("LIGHTNING_SIMO_DEBUG", raising=False)
+    make, _ = {**BAD_CHECKPOINTS, **EXTRA_KINDS}[kind]
+    bad = make(tmp_path)
+    setup = Setup(tmp_path, tmp_path / "run", task_checkpoints)
+    code, err = _run(ENTRY_POINTS[entry](setup, bad), capsys)
+
+    assert code == 2, err[-3000:]
+    assert "Traceback" not in err, err[-3000:]
+    errors = [line for line in err.splitlines() if line.startswith(ERROR_PREFIX)]
+    assert len(errors) == 1, err[-3000:]
+    assert str(bad) in errors[0], errors[0]
+    assert "weights_only" not in errors[0]
+    assert not (tmp_path / "marker").exists()
+    assert outputs_in(setup.run_dir) == []
+
+
+def _bad_json(kind: str, folder: Path) -> Path:
+    path = folder / "test_metrics.json"
+    if kind == "random bytes":
+        path.write_bytes(bytes(range(256)) * 4)
+    elif kind == "empty":
+        path.write_bytes(b"")
+    elif kind == "truncated":
+        path.write_text(json.dumps({"metrics": {"segmentation/miou": 40.0}})[:20])
+    else:  # a checkpoint where the JSON is expected
+        path.write_bytes(
+            fake_single_task_checkpoint(folder / "seg.ckpt", "segmentation", 1).read_bytes()
+        )
+    return path
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["random bytes", "empty", "truncated", "checkpoint"])
+def test_bad_reference_metrics_fail_before_the_test_epoch(
+    kind: str,
+    tmp_path: Path,
+    task_checkpoints: dict[str, Path],
+    capsys: pytest.CaptureFixture,
+) -> None:
+    bad = _bad_json(kind, tmp_path)
+    setup = Setup(tmp_path, tmp_path / "run", task_checkpoints)
+    ckpt = tmp_path / "model.ckpt"
+    ckpt.write_bytes(task_checkpoints["segmentation"].read_bytes())
+    args = _test_args(
+        setup, "--ckpt_path", str(ckpt), "--model.init_args.reference_metrics", f"[{bad}]"
+    )
+    code, err = _run(args, capsys)
+    errors = [line for line in err.splitlines() if line.startswith(ERROR_PREFIX)]
+    assert code == 2 and len(errors) == 1, err[-3000:]
+    assert f"{bad}: not a test_metrics.json" in errors[0], errors[0]
+    assert "Traceback" not in err
+    assert "Testing DataLoader" not in err  # refused before the test epoch, not after it
+    assert outputs_in(setup.run_dir) == []
