@@ -202,8 +202,7 @@ def test_bad_reference_metrics_fail_before_the_test_epoch(
 ) -> None:
     bad = _bad_json(kind, tmp_path)
     setup = Setup(tmp_path, tmp_path / "run", task_checkpoints)
-    ckpt = tmp_path / "model.ckpt"
-    ckpt.write_bytes(task_checkpoints["segmentation"].read_bytes())
+    ckpt = _lightning_checkpoint(tmp_path, "segmentation")
     args = _test_args(
         setup, "--ckpt_path", str(ckpt), "--model.init_args.reference_metrics", f"[{bad}]"
     )
@@ -214,3 +213,86 @@ def test_bad_reference_metrics_fail_before_the_test_epoch(
     assert "Traceback" not in err
     assert "Testing DataLoader" not in err  # refused before the test epoch, not after it
     assert outputs_in(setup.run_dir) == []
+
+
+# ----------------------------------------------------------------------------- early failures
+MTL = Path(__file__).resolve().parents[1] / "configs" / "synthetic" / "mtl.yaml"
+
+
+def _lightning_checkpoint(folder: Path, task: str) -> Path:
+    path = fake_single_task_checkpoint(folder / f"{task}-lightning.ckpt", task, seed=2)
+    ckpt = torch.load(path, weights_only=True)
+    torch.save({**ckpt, "pytorch-lightning_version": lightning.__version__}, path)
+    return path
+
+
+def _corrupt_sample(root: Path) -> None:
+    (root / "train" / "image" / "0.npy").write_bytes(b"\x93NUMPY garbage, not an array")
+
+
+def _gradnorm_with_clipping(s: Setup) -> list[str]:
+    args = s.merge()
+    args[2] = str(MTL)  # the joint-MTL config instead of merge.yaml; no merge section
+    return [
+        *args,
+        "--merge.checkpoints",
+        "{}",
+        "--model.init_args.weighting",
+        "gradnorm",
+        "--trainer.gradient_clip_val",
+        "1.0",
+    ]
+
+
+EARLY_ROWS: dict[str, tuple[Callable[[Setup], list[str]], tuple[str, ...]]] = {
+    "test --data.tasks [depth] on a segmentation checkpoint": (
+        lambda s: _test_args(
+            s,
+            "--data.init_args.tasks",
+            "[depth]",
+            "--ckpt_path",
+            str(_lightning_checkpoint(s.tmp, "segmentation")),
+        ),
+        ("segmentation-lightning.ckpt", "no head for depth", "--data.tasks"),
+    ),
+    "unknown merge method": (
+        lambda s: s.merge("--merge.method", "tiess"),
+        ("'tiess' is not a merging method", "ties"),
+    ),
+    "probe_epochs >= max_epochs": (
+        lambda s: s.single_task("--trainer.max_steps", "-1", "--model.init_args.probe_epochs", "1"),
+        ("probe_epochs=1 >= trainer.max_epochs=1", "never be fine-tuned"),
+    ),
+    "gradnorm with gradient_clip_val": (_gradnorm_with_clipping, ("gradient clipping",)),
+    "default_root_dir null with {root} paths": (
+        lambda s: s.single_task("--trainer.default_root_dir", "null"),
+        ("default_root_dir is null", "{root}", "--trainer.default_root_dir"),
+    ),
+    "bad sample in a DataLoader worker": (
+        lambda s: [*s.nyuv2(edit=_corrupt_sample), "--data.init_args.num_workers", "1"],
+        ("0.npy", "corrupt"),
+    ),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(EARLY_ROWS))
+def test_early_clean_failure(
+    name: str,
+    tmp_path: Path,
+    task_checkpoints: dict[str, Path],
+    capsys: pytest.CaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("LIGHTNING_SIMO_DEBUG", raising=False)
+    build, words = EARLY_ROWS[name]
+    setup = Setup(tmp_path, tmp_path / "run", task_checkpoints)
+    code, err = _run(build(setup), capsys)
+    errors = [line for line in err.splitlines() if line.startswith(ERROR_PREFIX)]
+    assert code == 2 and len(errors) == 1, err[-3000:]
+    assert "Traceback" not in err, err[-3000:]
+    for word in words:
+        assert word.lower() in errors[0].lower(), (word, errors[0])
+    assert outputs_in(setup.run_dir) == []
+    assert not (tmp_path / "{root}").exists() and not (tmp_path / "test_metrics.json").exists()

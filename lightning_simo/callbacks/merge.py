@@ -176,6 +176,9 @@ class MergeCallback(L.Callback):
         encoder = net.encoder
         own = {k: v.detach().clone() for k, v in encoder.state_dict().items()}
         theta0 = encoder_state_dict(load_state_dict(self.pretrained)) if self.pretrained else own
+        reference = (
+            f"pretrained encoder {self.pretrained}" if self.pretrained else "pretrained encoder"
+        )
         finetuned: list[dict[str, Tensor]] = []
         for task in tasks:
             path = self.checkpoints[task]
@@ -189,9 +192,7 @@ class MergeCallback(L.Callback):
             weights, name = encoder_state_dict(state), f"{task} checkpoint {path!r}"
             # encoder first: another backbone also changes the head's shapes, but is the cause
             try:
-                check_compatible(
-                    theta0, [weights], names=[name], reference_name="pretrained encoder"
-                )
+                check_compatible(theta0, [weights], names=[name], reference_name=reference)
             except ValueError as err:
                 raise ValueError(
                     f"{err}. Merge only checkpoints fine-tuned from this model's encoder (same "
