@@ -296,3 +296,16 @@ def test_early_clean_failure(
         assert word.lower() in errors[0].lower(), (word, errors[0])
     assert outputs_in(setup.run_dir) == []
     assert not (tmp_path / "{root}").exists() and not (tmp_path / "test_metrics.json").exists()
+
+
+@pytest.mark.slow
+def test_a_run_failing_before_training_leaves_no_logger_folder(
+    tmp_path: Path, task_checkpoints: dict[str, Path], capsys: pytest.CaptureFixture
+) -> None:
+    setup = Setup(tmp_path, tmp_path / "run", task_checkpoints)
+    logger = "{class_path: lightning.pytorch.loggers.TensorBoardLogger, init_args: {save_dir: '{root}', name: tb}}"
+    wide = _other_encoder(tmp_path)  # refused in the merge callback's setup, after the logger's
+    args = setup.merge("--trainer.logger", logger, checkpoints={"segmentation": wide})
+    code, err = _run(args, capsys)
+    assert code == 2 and "shape mismatch" in err, err[-3000:]
+    assert not (setup.run_dir / "tb").exists(), sorted(setup.run_dir.rglob("*"))
