@@ -46,7 +46,7 @@ REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs" / "synthetic"
 TESTS = Path(__file__).resolve().parent
 EPOCHS = 3
-STEPS = 2 * EPOCHS  # 8 training scenes, batches of 4
+STEPS = 2 * EPOCHS  # single-task and joint: 8 training scenes, batches of 4 (merge: 1 per epoch)
 SEED = int(os.environ.get("FAULT_SEED", random.SystemRandom().randrange(1000)))
 """The random steps come from this seed (set FAULT_SEED to repeat a run); it is in every
 failure message."""
@@ -63,7 +63,9 @@ def kind_config(kind: str, root: Path, checkpoints: dict[str, str]) -> tuple[str
     if kind == "merge_heads":
         merge = {"checkpoints": checkpoints, "search_grid": [0.5, 1.0], "realign": "heads"}
         return "merge.yaml", tiny_config(root, tasks, extra={"merge": merge})
-    return "mtl.yaml", tiny_config(root, tasks, model={"weighting": "gradnorm"})
+    config = tiny_config(root, tasks, model={"weighting": "gradnorm"})
+    config["data"]["init_args"]["num_workers"] = 1
+    return "mtl.yaml", config
 
 
 class Runs:
@@ -100,9 +102,13 @@ def run_main(args: list[str]) -> int:
     return 0
 
 
-def weights(root: Path) -> dict[str, torch.Tensor]:
-    ckpt = torch.load(root / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
-    assert ckpt["global_step"] == STEPS
+def final(root: Path) -> dict:
+    return torch.load(root / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+
+
+def weights(root: Path, steps: int) -> dict[str, torch.Tensor]:
+    ckpt = final(root)
+    assert ckpt["global_step"] == steps and ckpt["epoch"] == EPOCHS - 1
     return ckpt["state_dict"]
 
 
@@ -122,20 +128,21 @@ def reference(
     request: pytest.FixtureRequest,
     tmp_path_factory: pytest.TempPathFactory,
     single_task_checkpoints: dict[str, str],  # noqa: F811
-) -> tuple[Runs, dict[str, torch.Tensor]]:
-    """One uninterrupted run per kind, shared by that kind's cases."""
+) -> tuple[Runs, dict[str, torch.Tensor], int]:
+    """One uninterrupted run per kind, shared by that kind's cases (and its step count)."""
     runs = Runs(request.param, tmp_path_factory.mktemp(request.param), single_task_checkpoints)
     root = runs.tmp / "reference"
     assert run_main(runs.args(root)) == 0
-    return runs, weights(root)
+    steps = final(root)["global_step"]
+    return runs, weights(root, steps), steps
 
 
 @pytest.mark.parametrize("signame, status", [("SIGTERM", 143), ("SIGINT", 130)])
 def test_signal_at_a_random_step_then_rerun(
-    signame: str, status: int, reference: tuple[Runs, dict], capsys: pytest.CaptureFixture
+    signame: str, status: int, reference: tuple[Runs, dict, int], capsys: pytest.CaptureFixture
 ) -> None:
-    runs, expected = reference
-    step = random.Random(f"{SEED}-{runs.kind}-{signame}").randrange(1, STEPS)
+    runs, expected, steps = reference
+    step = random.Random(f"{SEED}-{runs.kind}-{signame}").randrange(1, steps)
     context = f"{runs.kind}, {signame} after step {step} (FAULT_SEED={SEED})"
     root = runs.tmp / f"{signame.lower()}"
     args = runs.args(root, signame, step)
@@ -149,7 +156,7 @@ def test_signal_at_a_random_step_then_rerun(
     assert "Traceback" not in err
 
     assert run_main(resume_args(args, root)) == 0, context
-    assert_equal_weights(expected, weights(root), context)
+    assert_equal_weights(expected, weights(root, steps), context)
 
 
 def _spawn(args: list[str], log: Path) -> subprocess.Popen:
@@ -173,10 +180,10 @@ def _wait_for(done: Callable[[], bool], proc: subprocess.Popen, log: Path) -> No
 
 
 def test_sigkill_and_a_second_process_then_rerun(
-    reference: tuple[Runs, dict], capsys: pytest.CaptureFixture
+    reference: tuple[Runs, dict, int], capsys: pytest.CaptureFixture
 ) -> None:
-    runs, expected = reference
-    step = random.Random(f"{SEED}-{runs.kind}-SIGKILL").randrange(1, STEPS)
+    runs, expected, steps = reference
+    step = random.Random(f"{SEED}-{runs.kind}-SIGKILL").randrange(1, steps)
     context = f"{runs.kind}, SIGKILL after step {step} (FAULT_SEED={SEED})"
     root = runs.tmp / "sigkill"
     held_args = runs.args(root, "hold", step)
@@ -207,7 +214,7 @@ def test_sigkill_and_a_second_process_then_rerun(
     else:
         with pytest.warns(UserWarning, match=f"taking over the lock of PID {held.pid}"):
             assert run_main(rerun) == 0, context
-    assert_equal_weights(expected, weights(root), context)
+    assert_equal_weights(expected, weights(root, steps), context)
     assert not list((root / "checkpoints").glob("*-v1.ckpt"))
     assert not (root / LOCK_FILE).exists()
 
@@ -276,9 +283,10 @@ def test_study_sigterm_in_a_single_task_stage_then_rerun(
     assert stage["status"] == "interrupted" and stage["during"] == "fit", stage
     assert not (tmp_path / "study" / "results.csv").exists()
     assert not (tmp_path / "study" / LOCK_FILE).exists()
+    had_checkpoint = (tmp_path / "study/seed_0/single_task/depth/checkpoints/last.ckpt").exists()
 
     assert study_main(interrupted, tmp_path) == 0, context
     stage = json.loads((tmp_path / "study/seed_0/single_task/depth/stage.json").read_text())
     assert stage["status"] == "done" and stage["stopped_by"] == "max_epochs", stage
-    assert stage["resumed"] is (step > 2), stage  # before the first epoch's end: started over
+    assert stage["resumed"] is had_checkpoint, stage  # stopped before any checkpoint: started over
     assert results_without_times(tmp_path / "study") == expected, context

@@ -188,3 +188,25 @@ def test_progress_lines_are_plain_with_elapsed_and_remaining(
     assert lines[1] == "[stage 1/5] foundation done in 1m00s, stopped by max_epochs"
     assert lines[2] == "[stage 2/5] single_task/depth ... (elapsed 1m00s, about 4m00s left)"
     assert all("\r" not in line for line in lines)
+
+
+class _BadSample(torch.utils.data.Dataset):
+    def __len__(self) -> int:
+        return 2
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        raise ValueError("data/0.npy: corrupt array (re-extract the dataset)")
+
+
+def test_an_error_in_a_dataloader_worker_is_reported_as_its_own_line(
+    capsys: pytest.CaptureFixture,
+) -> None:
+    from lightning_simo.cli import report_user_error
+
+    loader = torch.utils.data.DataLoader(_BadSample(), num_workers=1)
+    with pytest.raises(ValueError) as info:
+        next(iter(loader))
+    assert "DataLoader worker process" in str(info.value)  # torch's wrapping, with a traceback
+    assert report_user_error(info.value)
+    err = capsys.readouterr().err
+    assert err == ("lightning_simo: error: data/0.npy: corrupt array (re-extract the dataset)\n")
