@@ -24,13 +24,13 @@ from test_bad_input import (
     WritesAFile,
     fake_single_task_checkpoint,
     outputs_in,
+    task_checkpoints,  # noqa: F401 (fixture)
 )
 
 from lightning_simo.checkpoints import CheckpointError, load_state_dict, read_checkpoint
 from lightning_simo.cli import main
 
 ERROR_PREFIX = "lightning_simo: error: "
-TASKS = ("segmentation", "depth", "normals")
 
 
 def _code(folder: Path) -> Path:
@@ -107,13 +107,11 @@ def test_a_plain_state_dict_is_not_a_lightning_checkpoint(tmp_path: Path) -> Non
 
 
 # ----------------------------------------------------------------------------- command line
-@pytest.fixture(scope="module")
-def task_checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    folder = tmp_path_factory.mktemp("single_task")
-    return {
-        task: fake_single_task_checkpoint(folder / f"{task}.ckpt", task, seed=i)
-        for i, task in enumerate(TASKS)
-    }
+@pytest.fixture(autouse=True)
+def _in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """In-process runs: from the test's folder (no litter in the repo), without debug tracebacks."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("LIGHTNING_SIMO_DEBUG", raising=False)
 
 
 def _test_args(s: Setup, *extra: str) -> list[str]:
@@ -156,12 +154,9 @@ def test_bad_file_at_entry_point(
     entry: str,
     kind: str,
     tmp_path: Path,
-    task_checkpoints: dict[str, Path],
+    task_checkpoints: dict[str, Path],  # noqa: F811 (fixture imported above)
     capsys: pytest.CaptureFixture,
-    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv("LIGHTNING_SIMO_DEBUG", raising=False)
     make, _ = {**BAD_CHECKPOINTS, **EXTRA_KINDS}[kind]
     bad = make(tmp_path)
     setup = Setup(tmp_path, tmp_path / "run", task_checkpoints)
@@ -197,7 +192,7 @@ def _bad_json(kind: str, folder: Path) -> Path:
 def test_bad_reference_metrics_fail_before_the_test_epoch(
     kind: str,
     tmp_path: Path,
-    task_checkpoints: dict[str, Path],
+    task_checkpoints: dict[str, Path],  # noqa: F811 (fixture imported above)
     capsys: pytest.CaptureFixture,
 ) -> None:
     bad = _bad_json(kind, tmp_path)
@@ -280,12 +275,9 @@ EARLY_ROWS: dict[str, tuple[Callable[[Setup], list[str]], tuple[str, ...]]] = {
 def test_early_clean_failure(
     name: str,
     tmp_path: Path,
-    task_checkpoints: dict[str, Path],
+    task_checkpoints: dict[str, Path],  # noqa: F811 (fixture imported above)
     capsys: pytest.CaptureFixture,
-    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv("LIGHTNING_SIMO_DEBUG", raising=False)
     build, words = EARLY_ROWS[name]
     setup = Setup(tmp_path, tmp_path / "run", task_checkpoints)
     code, err = _run(build(setup), capsys)
@@ -300,7 +292,9 @@ def test_early_clean_failure(
 
 @pytest.mark.slow
 def test_a_run_failing_before_training_leaves_no_logger_folder(
-    tmp_path: Path, task_checkpoints: dict[str, Path], capsys: pytest.CaptureFixture
+    tmp_path: Path,
+    task_checkpoints: dict[str, Path],  # noqa: F811 (fixture imported above)
+    capsys: pytest.CaptureFixture,
 ) -> None:
     setup = Setup(tmp_path, tmp_path / "run", task_checkpoints)
     logger = "{class_path: lightning.pytorch.loggers.TensorBoardLogger, init_args: {save_dir: '{root}', name: tb}}"

@@ -26,7 +26,6 @@ import os
 import random
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -34,7 +33,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from test_resume import single_task_checkpoints, tiny_config  # noqa: F401 (fixture)
+from test_resume import cli, single_task_checkpoints, tiny_config  # noqa: F401 (fixture)
 from test_study import tiny_settings
 
 from lightning_simo.cli import main
@@ -159,18 +158,6 @@ def test_signal_at_a_random_step_then_rerun(
     assert_equal_weights(expected, weights(root, steps), context)
 
 
-def _spawn(args: list[str], log: Path) -> subprocess.Popen:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(TESTS), env.get("PYTHONPATH")]))
-    with open(log, "w") as handle:
-        return subprocess.Popen(
-            [sys.executable, "-m", "lightning_simo", *args],
-            env=env,
-            stdout=handle,
-            stderr=subprocess.STDOUT,
-        )
-
-
 def _wait_for(done: Callable[[], bool], proc: subprocess.Popen, log: Path) -> None:
     deadline = time.monotonic() + 600
     while not done():
@@ -188,7 +175,7 @@ def test_sigkill_and_a_second_process_then_rerun(
     root = runs.tmp / "sigkill"
     held_args = runs.args(root, "hold", step)
     log = runs.tmp / "sigkill.log"
-    held = _spawn(held_args, log)
+    held = cli(held_args, runs.tmp, log)
     _wait_for(Path(str(root) + ".fired").exists, held, log)
 
     # a second process on the same folder while the first lives: refused, nothing touched
@@ -229,7 +216,7 @@ def study_settings(out: Path, extra: list[str]):
         realign_methods=[],
         budgets=[],
         mtl_weightings=[],
-        single_task_epochs=3,
+        single_task_epochs=2,
     )
     settings.data = {**settings.data, "num_workers": 1}
     settings.extra_args = [*settings.extra_args, *extra]
@@ -258,7 +245,7 @@ def results_without_times(out: Path) -> list[dict[str, str]]:
 def test_study_sigterm_in_a_single_task_stage_then_rerun(
     tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
-    step = random.Random(f"{SEED}-study").randrange(1, STEPS)
+    step = random.Random(f"{SEED}-study").randrange(1, 4)  # 2 epochs of 2 steps
     context = f"study, SIGTERM after step {step} of single_task/depth (FAULT_SEED={SEED})"
 
     def signal_args(name: str, marker: Path) -> list[str]:
