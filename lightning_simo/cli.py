@@ -146,8 +146,10 @@ class SIMOCLI(LightningCLI):
         for key, value in given.items():
             if value is not None:
                 restored[key] = value
+        if sub == "fit":
+            return  # a resumed fit rebuilds its run as it started (merge sources, θ0), then restores
         # the checkpoint holds the encoder and heads: never load (or download) them again, so it
-        # works from any folder and machine
+        # can be tested or used from any folder and machine
         if restored.get("init_from") is not None:
             restored["init_from"] = None
         encoder = restored.get("encoder")
