@@ -14,6 +14,8 @@ live at ``net.heads.<task>.``.
 from __future__ import annotations
 
 import hashlib
+import io
+import json
 import os
 import pickle
 import re
@@ -22,17 +24,20 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 from torch import Tensor
 
 from lightning_simo.io import atomic_write
 
 __all__ = [
+    "AtomicCheckpointIO",
     "CheckpointError",
     "encoder_state_dict",
     "extract_prefix",
     "file_sha256",
     "head_state_dicts",
     "load_state_dict",
+    "read_checkpoint",
     "save_state_dict_atomic",
 ]
 
@@ -51,6 +56,11 @@ def _is_safetensors(path: Path) -> bool:
     return path.suffix == ".safetensors"
 
 
+_ZIP_MAGIC = b"PK\x03\x04"  # torch.save's default (zip) format
+_PICKLE_PROTO = b"\x80"  # torch.save's legacy format starts with a pickle protocol opcode
+_CODE_MARKS = ("Unsupported global", "Unsupported class", "Trying to call", "Unsupported operand")
+
+
 def _refusal_reason(message: str) -> str:
     """Pull torch's one-line reason (e.g. the unsupported global) out of its long message."""
     match = re.search(r"Unsupported global: GLOBAL ([\w.]+)", message)
@@ -62,39 +72,102 @@ def _refusal_reason(message: str) -> str:
     return "it holds objects other than tensors and plain containers"
 
 
+def _first_line(err: BaseException) -> str:
+    """The first sentence of ``err``'s message (torch's go on for a paragraph)."""
+    line = str(err).split("\n", 1)[0].strip()
+    return line.split(". ", 1)[0].rstrip(".") or type(err).__name__
+
+
+def _unreadable(path: Path, what: str) -> CheckpointError:
+    return CheckpointError(
+        f"{path}: not a readable checkpoint: {what} (rerun the stage that produces it, or copy "
+        "the file again)"
+    )
+
+
+def _looks_like_safetensors(head: bytes) -> bool:
+    """safetensors: an 8-byte little-endian header length, then the JSON header."""
+    return len(head) > 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < 1 << 28
+
+
+def _foreign_format(path: Path, head: bytes) -> CheckpointError:
+    """The diagnosis for a file that is neither a torch file nor safetensors."""
+    try:
+        json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        return CheckpointError(
+            f"{path}: not a checkpoint: neither a torch file nor safetensors (random or foreign "
+            f"bytes, starting {head[:8]!r}) (point to a .ckpt / .pt / .safetensors file written "
+            "by lightning_simo, torch.save or safetensors)"
+        )
+    return CheckpointError(
+        f"{path}: a JSON file, not a checkpoint (point to the .ckpt / .pt / .safetensors file; "
+        "test_metrics.json files belong in model.reference_metrics)"
+    )
+
+
 def _read_file(path: Path) -> Any:
-    """Deserialize ``path`` without ever executing code stored in it."""
+    """Deserialize ``path`` without ever executing code stored in it.
+
+    Every way a file can be unusable gets its own diagnosis (missing, empty, JSON, foreign bytes,
+    truncated archive, pickled code), so the one line a user reads says what the file really is.
+    """
     if not path.exists():
         raise CheckpointError(
-            f"checkpoint not found: {path} (check the path, or run the stage that produces it)"
+            f"{path}: checkpoint not found (check the path, or run the stage that produces it)"
         )
     if path.is_dir():
         raise CheckpointError(
-            f"checkpoint path is a directory, not a file: {path} (point to the .ckpt/.pt/"
+            f"{path}: is a directory, not a checkpoint file (point to the .ckpt/.pt/"
             ".safetensors file inside it)"
         )
-    try:
-        if _is_safetensors(path):
-            from safetensors.torch import load_file
+    with open(path, "rb") as handle:
+        head = handle.read(16)
+    if not head:
+        raise _unreadable(path, "empty file (0 bytes; the run writing it was probably killed)")
+    if _is_safetensors(path) or _looks_like_safetensors(head):
+        from safetensors.torch import load_file
 
+        try:
             return load_file(str(path), device="cpu")
+        except Exception as err:
+            detail = f"truncated or corrupt safetensors file: {_first_line(err)}"
+            raise _unreadable(path, detail) from None
+    if not head.startswith((_ZIP_MAGIC, _PICKLE_PROTO)):
+        raise _foreign_format(path, head)
+    try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         message = str(err)
-        if "Weights only load failed" in message:
+        if "Weights only load failed" in message and any(m in message for m in _CODE_MARKS):
             raise CheckpointError(
-                f"refused to load {path}: it contains pickled code/objects "
-                f"({_refusal_reason(message)}), which were not executed; re-save it as a plain "
-                "state dict (torch.save(model.state_dict(), ...)) or as .safetensors"
+                f"{path}: refused: it contains pickled code/objects ({_refusal_reason(message)}), "
+                "which were not executed (re-save it as a plain state dict with "
+                "torch.save(model.state_dict(), ...) or as .safetensors)"
             ) from None
-        raise CheckpointError(
-            f"{path} is not a readable checkpoint (truncated or corrupt file: {err})"
-        ) from None
+        detail = _refusal_reason(message) if "WeightsUnpickler" in message else _first_line(err)
+        raise _unreadable(path, f"truncated or corrupt torch file: {detail}") from None
     except Exception as err:  # corrupt archives surface as RuntimeError, EOFError, KeyError...
-        detail = str(err).split("\n", 1)[0].strip() or type(err).__name__
+        raise _unreadable(path, f"truncated or corrupt torch file: {_first_line(err)}") from None
+
+
+def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """A Lightning checkpoint of this suite, read as data and checked before Lightning uses it.
+
+    ``--ckpt_path`` files go through here before Lightning reads their hyper-parameters or
+    restores them, so a bad file is one :class:`CheckpointError` instead of a traceback.
+    """
+    path = Path(path)
+    obj = _read_file(path)
+    lightning_keys = ("state_dict", "pytorch-lightning_version")
+    if not isinstance(obj, Mapping) or not all(k in obj for k in lightning_keys):
+        kind = "a plain state dict" if isinstance(obj, Mapping) else f"a {type(obj).__name__}"
         raise CheckpointError(
-            f"{path} is not a readable checkpoint (truncated or corrupt file: {detail})"
-        ) from None
+            f"{path}: {kind}, not a Lightning checkpoint (no 'state_dict' and version) (give a "
+            "checkpoint written by `lightning_simo fit`; plain weights go in "
+            "--model.init_from or --model.encoder.checkpoint)"
+        )
+    return dict(obj)
 
 
 def _tensors_only(mapping: Mapping[Any, Any]) -> dict[str, Tensor]:
@@ -112,7 +185,8 @@ def load_state_dict(path: str | os.PathLike[str]) -> dict[str, Tensor]:
     obj = _read_file(path)
     if not isinstance(obj, Mapping):
         raise CheckpointError(
-            f"{path} holds a {type(obj).__name__}, not a state dict (expected a dict of tensors)"
+            f"{path}: holds a {type(obj).__name__}, not a state dict (give a checkpoint that "
+            "holds a dict of tensors)"
         )
     for key in _NESTED_KEYS:
         nested = obj.get(key)
@@ -122,8 +196,8 @@ def load_state_dict(path: str | os.PathLike[str]) -> dict[str, Tensor]:
         return {str(k): v for k, v in obj.items()}
     shown = ", ".join(repr(k) for k in list(obj)[:8])
     raise CheckpointError(
-        f"{path} has no state dict: expected a Lightning checkpoint ('state_dict' key), a 'model' "
-        f"entry or a dict of tensors, found keys [{shown}]"
+        f"{path}: has no state dict, found keys [{shown}] (give a Lightning checkpoint "
+        "('state_dict' key), a dict with a 'model' entry or a dict of tensors)"
     )
 
 
@@ -196,6 +270,28 @@ def _safetensors_ready(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
     return ready
 
 
+def _save_atomic(obj: Any, target: Path) -> None:
+    """Serialise in memory, then write and fsync through Python's file API: a full disk or a
+    file-size limit is then an ``OSError`` with its errno (torch's own writer reports it as an
+    opaque RuntimeError), which :func:`~lightning_simo.io.atomic_write` turns into one line."""
+    if _is_safetensors(target):
+        from safetensors.torch import save
+
+        data: bytes | memoryview = save(_safetensors_ready(obj))
+    else:
+        buffer = io.BytesIO()
+        torch.save(obj, buffer)
+        data = buffer.getbuffer()
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+
+    atomic_write(target, write)
+
+
 def save_state_dict_atomic(state_dict: Mapping[str, Tensor], path: str | os.PathLike[str]) -> None:
     """Write ``state_dict`` to ``path`` so that ``path`` is either the old file or complete.
 
@@ -204,19 +300,30 @@ def save_state_dict_atomic(state_dict: Mapping[str, Tensor], path: str | os.Path
     final ``os.replace``; the data is flushed to disk before the rename so a power loss cannot
     leave a renamed but empty file.
     """
-    target = Path(path)
+    _save_atomic(dict(state_dict), Path(path))
 
-    def write(tmp: Path) -> None:
-        if _is_safetensors(target):
-            from safetensors.torch import save_file
 
-            save_file(_safetensors_ready(state_dict), str(tmp))
-        else:
-            torch.save(dict(state_dict), tmp)
-        with open(tmp, "rb") as handle:
-            os.fsync(handle.fileno())
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint I/O, made atomic and safe.
 
-    atomic_write(target, write)
+    Lightning's own writer truncates the destination before writing it, so a full disk or a
+    file-size limit while saving ``last.ckpt`` destroys the previous, valid one. Here every save
+    goes to a temporary file renamed over the destination once complete (a failure is one
+    :class:`~lightning_simo.io.OutputWriteError` and the old file stays), and every load goes
+    through the suite's reader (``weights_only``, one-line diagnosis of bad files).
+    """
+
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None
+    ) -> None:
+        if storage_options is not None:
+            raise TypeError("AtomicCheckpointIO does not take storage_options")
+        _save_atomic(checkpoint, Path(path))
+
+    def load_checkpoint(
+        self, path: Any, map_location: Any | None = None, weights_only: bool | None = None
+    ) -> dict[str, Any]:
+        return read_checkpoint(path)
 
 
 def file_sha256(path: str | os.PathLike[str], chunk_size: int = 1 << 20) -> str:

@@ -20,11 +20,18 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 from jsonargparse import ArgumentParser
 from lightning.pytorch.utilities import rank_zero_info
 
-from lightning_simo.io import atomic_write, atomic_write_text, ensure_writable_dir
+from lightning_simo.checkpoints import read_checkpoint
+from lightning_simo.interruption import (
+    RunInterrupted,
+    exit_status,
+    interrupting_signal,
+    signal_name,
+    sigterm_stops_between_runs,
+)
+from lightning_simo.io import RunLock, atomic_write, atomic_write_text, ensure_writable_dir
 
 __all__ = ["Stage", "StageError", "StudySettings", "main", "plan_stages", "run_study"]
 
@@ -305,10 +312,22 @@ def plan_stages(s: StudySettings, seed: int) -> list[Stage]:
     return stages
 
 
-def _run_cli(args: list[str]) -> None:
-    from lightning_simo.cli import main as cli_main
+class _StageFailed(Exception):
+    """A stage's command failed with a user error (its one line is printed already)."""
 
-    cli_main(args)
+
+def _run_cli(args: list[str]) -> Any:
+    """One stage command, in-process; returns the CLI (the study asks it how fit stopped)."""
+    from lightning_simo.cli import report_user_error, run
+
+    try:
+        return run(args)
+    except RunInterrupted:
+        raise
+    except Exception as err:
+        if report_user_error(err):
+            raise _StageFailed() from None
+        raise
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -319,36 +338,118 @@ def _checkpoint_step(folder: Path) -> int | None:
     for name in ("last.ckpt", "best.ckpt"):
         path = folder / "checkpoints" / name
         if path.is_file():
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
-            return int(ckpt.get("global_step", 0))
+            return int(read_checkpoint(path).get("global_step", 0))
     return None
 
 
-def run_stage(stage: Stage, force: bool, runner: Callable[[list[str]], None] = _run_cli) -> dict:
-    """Run one stage unless its outputs are complete; returns its record (wall time, status)."""
+def _last_checkpoint(stage: Stage) -> Path:
+    return stage.folder / "checkpoints" / "last.ckpt"
+
+
+RESUMABLE = ("interrupted", "running")
+"""Statuses of a stage stopped from outside: ``running`` is left by a killed study (SIGKILL)."""
+
+
+def _complete_metrics(stage: Stage, since: float) -> bool:
+    """Whether the stage's test wrote ``test_metrics.json`` now, with a value for every task."""
+    path = stage.folder / "test_metrics.json"
+    if not path.is_file() or path.stat().st_mtime < since - 1:
+        return False
+    payload = _read_json(path)
+    metrics = payload.get("metrics", {})
+    tasks = payload.get("tasks") or []
+    return bool(tasks) and all(
+        any(k.startswith(f"{t}/") and v is not None for k, v in metrics.items()) for t in tasks
+    )
+
+
+def _stage_commands(stage: Stage, previous: dict[str, Any], force: bool) -> list[tuple[str, list]]:
+    """The stage's commands: a fit resumed from its last checkpoint when it was interrupted,
+    otherwise a fresh one that replaces whatever an earlier, unfinished attempt left."""
+    commands: list[tuple[str, list[str]]] = []
+    if stage.fit is not None:
+        last = _last_checkpoint(stage)
+        if not force and previous.get("status") in RESUMABLE and last.is_file():
+            commands.append(("fit", [*stage.fit, f"--ckpt_path={last}"]))
+        else:
+            commands.append(("fit", [*stage.fit, "--overwrite=true"]))
+    if stage.test is not None:
+        commands.append(("test", stage.test))
+    return commands
+
+
+def run_stage(
+    stage: Stage,
+    force: bool,
+    runner: Callable[[list[str]], Any] = _run_cli,
+    label: str | None = None,
+) -> dict:
+    """Run one stage unless it is done; returns its record (status, wall time, stopping rule).
+
+    ``stage.json`` says ``running`` while the stage runs, ``interrupted`` when a signal stopped
+    it (the next study resumes it from its last checkpoint), ``failed`` on an error, and ``done``
+    only when its fit ended by its own stopping rule and its test wrote complete metrics.
+    """
+    label = label or stage.name
     if stage.requires and not Path(stage.requires).is_file():
-        rank_zero_info(f"[study] skip {stage.name}: {stage.requires} does not exist yet")
+        rank_zero_info(f"{label}: skipped, {stage.requires} does not exist yet")
         return {"status": "skipped", "reason": f"missing {stage.requires}"}
-    if stage.done_file.is_file() and not force:
-        rank_zero_info(f"[study] {stage.name}: complete, skipped (use --force to redo)")
-        return _read_json(stage.done_file)
+    previous = _read_json(stage.done_file)
+    if previous.get("status") == "done" and not force:
+        rank_zero_info(f"{label}: complete, skipped (use --force to redo)")
+        return previous
     ensure_writable_dir(stage.folder)
-    rank_zero_info(f"[study] {stage.name} ...")
+    commands = _stage_commands(stage, previous, force)
+    resumed = any(a[-1].startswith("--ckpt_path=") for c, a in commands if c == "fit")
+    spent = float(previous.get("wall_time_s") or 0.0) if resumed else 0.0
     start = time.perf_counter()
-    for command, args in (("fit", stage.fit), ("test", stage.test)):
-        if args is None:
-            continue
+    record: dict[str, Any] = {"status": "running", "resumed": resumed}
+
+    def save(status: str, **extra: Any) -> dict[str, Any]:
+        record.update(status=status, wall_time_s=spent + time.perf_counter() - start, **extra)
+        atomic_write_text(stage.done_file, json.dumps(record, indent=2))
+        return record
+
+    save("running")
+    for command, args in commands:
+        began = time.time()
         try:
-            runner([command, *args])
-        except SystemExit as exit_info:
-            if exit_info.code not in (0, None):
-                raise StageError(
-                    f"study stage {stage.name!r} failed during `{command}` (the error is printed "
-                    f"above); fix it and rerun: complete stages are skipped."
+            result = runner([command, *args])
+        except BaseException as err:
+            signum = interrupting_signal(err)
+            if signum is not None:
+                save("interrupted", during=command, signal=signal_name(signum))
+                raise RunInterrupted(
+                    signum,
+                    f"study stage {label} stopped by {signal_name(signum)} during `{command}` "
+                    "(rerun the same `lightning_simo study` command: it resumes this stage from "
+                    "its last checkpoint and skips the complete ones)",
                 ) from None
-    record = {"status": "done", "wall_time_s": time.perf_counter() - start}
-    atomic_write_text(stage.done_file, json.dumps(record, indent=2))
-    return record
+            save("failed", during=command)
+            if isinstance(err, _StageFailed) or (
+                isinstance(err, SystemExit) and err.code not in (0, None)
+            ):
+                raise StageError(
+                    f"study stage {label} failed during `{command}` (the error is printed "
+                    "above); fix it and rerun: complete stages are skipped."
+                ) from None
+            raise
+        if command == "fit":
+            rule = getattr(result, "stopping_rule", None) if result is not None else "unreported"
+            if rule is None:
+                save("failed", during=command)
+                raise StageError(
+                    f"study stage {label}: fit returned before its stopping rule (no max_epochs,"
+                    " max_steps or early stopping reached); rerun the study to redo it."
+                )
+            record["stopped_by"] = rule
+        if command == "test" and result is not None and not _complete_metrics(stage, began):
+            save("failed", during=command)
+            raise StageError(
+                f"study stage {label}: test wrote no complete {stage.folder / 'test_metrics.json'}"
+                "; rerun the study to redo it."
+            )
+    return save("done")
 
 
 def _trainable(metrics: dict[str, Any]) -> float | None:
@@ -489,24 +590,82 @@ def _save_figure(fig: Any, path: Path) -> Path:
     return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
 
 
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    minutes, seconds = divmod(seconds, 60)
+    if minutes < 60:
+        return f"{minutes}m{seconds:02d}s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m"
+
+
+class _Progress:
+    """``[stage k/n] name ...`` lines with elapsed and estimated remaining time.
+
+    Plain lines (no carriage returns), so a log file or a CI console reads like a terminal. The
+    estimate is the mean wall time of the stages run so far times the stages left, so it
+    improves as the study goes; stages that are skipped as complete count for nothing.
+    """
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self.index = 0
+        self.start = time.perf_counter()
+        self.durations: list[float] = []
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+    def begin(self, name: str) -> str:
+        self.index += 1
+        label = f"[stage {self.index}/{self.total}] {name}"
+        elapsed = time.perf_counter() - self.start
+        if self.durations:
+            left = statistics.fmean(self.durations) * (self.total - self.index + 1)
+            eta = f"about {_duration(left)} left"
+        else:
+            eta = "remaining time known after the first stage"
+        rank_zero_info(f"{label} ... (elapsed {_duration(elapsed)}, {eta})")
+        return label
+
+    def end(self, label: str, record: dict[str, Any], seconds: float) -> None:
+        if record.get("status") == "done" and seconds > 0.5:
+            self.durations.append(seconds)
+            rule = f", stopped by {record['stopped_by']}" if record.get("stopped_by") else ""
+            rank_zero_info(f"{label} done in {_duration(seconds)}{rule}")
+
+
 def run_study(
-    settings: StudySettings, runner: Callable[[list[str]], None] = _run_cli
+    settings: StudySettings, runner: Callable[[list[str]], Any] = _run_cli
 ) -> list[dict[str, Any]]:
-    """Run (or resume) the study and write its tables and figures; returns the summary rows."""
+    """Run (or resume) the study and write its tables and figures; returns the summary rows.
+
+    The study holds its folder (a second study there is refused) and SIGTERM stops it between
+    stages as well as inside them (Lightning's handler) with the stage recorded as interrupted.
+    """
+    out = ensure_writable_dir(settings.out)
+    with RunLock(out), sigterm_stops_between_runs():
+        return _run_study(settings, runner, out)
+
+
+def _run_study(
+    settings: StudySettings, runner: Callable[[list[str]], Any], out: Path
+) -> list[dict[str, Any]]:
     from lightning_simo.evaluation import write_results
 
-    out = ensure_writable_dir(settings.out)
     per_seed = []
     plans = {seed: plan_stages(settings, seed) for seed in range(settings.seeds)}
-    total = sum(len(p) for p in plans.values())
-    done = 0
+    progress = _Progress(sum(len(p) for p in plans.values()))
     for seed, stages in plans.items():
         rows, single = [], []
         for stage in stages:
-            done += 1
-            # one line per stage: each stage shows Lightning's own progress bar
-            rank_zero_info(f"[study] ({done}/{total}) seed {seed}: {stage.name}")
-            record = run_stage(stage, settings.force, runner)
+            name = stage.name if settings.seeds == 1 else f"seed {seed}: {stage.name}"
+            label = progress.begin(name)
+            began = time.perf_counter()
+            record = run_stage(stage, settings.force, runner, label)
+            progress.end(label, record, time.perf_counter() - began)
             row = collect_row(stage, record, settings)
             if row is not None:
                 (single if row.get("group") == "single-task" else rows).append(row)
@@ -519,7 +678,7 @@ def run_study(
     write_results(table_rows, out)
     write_figures(summary, out)
     atomic_write_text(out / "study.json", json.dumps(asdict(settings), indent=2))
-    rank_zero_info(f"[study] results: {out / 'results.md'}")
+    rank_zero_info(f"[study] results: {out / 'results.md'} ({_duration(progress.elapsed())})")
     return summary
 
 
@@ -559,3 +718,12 @@ def main(args: list[str] | None = None) -> None:
     except StageError as err:
         print(f"lightning_simo: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
+    except (RunInterrupted, KeyboardInterrupt, SystemExit) as err:
+        signum = interrupting_signal(err)
+        if signum is None:
+            raise
+        print(
+            f"lightning_simo: interrupted: {err if isinstance(err, RunInterrupted) else signal_name(signum)}",
+            file=sys.stderr,
+        )
+        raise SystemExit(exit_status(signum)) from None

@@ -158,7 +158,7 @@ def test_truncated_file_is_reported(tmp_path: Path) -> None:
     data = good.read_bytes()
     bad = tmp_path / "bad.pt"
     bad.write_bytes(data[: len(data) // 2])
-    with pytest.raises(CheckpointError, match=r"bad\.pt is not a readable checkpoint"):
+    with pytest.raises(CheckpointError, match=r"bad\.pt: not a readable checkpoint"):
         load_state_dict(bad)
     empty = tmp_path / "empty.ckpt"
     empty.write_bytes(b"")

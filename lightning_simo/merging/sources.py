@@ -62,14 +62,16 @@ def check_tasks(tasks: Sequence[str], given: Mapping[str, object]) -> None:
         )
 
 
-def check_encoders(theta0: StateDict, encoders: Mapping[str, StateDict]) -> None:
+def check_encoders(
+    theta0: StateDict, encoders: Mapping[str, StateDict], theta0_name: str = "pretrained encoder"
+) -> None:
     """Refuse encoders that were not fine-tuned from θ0's architecture (``{label: state}``)."""
     try:
         check_compatible(
             theta0,
             list(encoders.values()),
             names=list(encoders),
-            reference_name="pretrained encoder",
+            reference_name=theta0_name,
         )
     except ValueError as err:
         raise ValueError(
@@ -143,6 +145,7 @@ def sources_from_states(
     theta0: StateDict,
     states: Mapping[str, StateDict],
     origins: Mapping[str, str] | None = None,
+    theta0_name: str = "pretrained encoder",
 ) -> Sources:
     """:class:`Sources` from checkpoints already in memory (``{task: full state dict}``)."""
     check_tasks(tasks, states)
@@ -153,7 +156,7 @@ def sources_from_states(
     _check_heads(all_heads, origins)
     encoders = {t: encoder_state_dict(chosen[t]) for t in tasks}
     # the encoder first: another backbone also changes the heads' shapes, but is the cause
-    check_encoders(base, {origins[t]: encoders[t] for t in tasks})
+    check_encoders(base, {origins[t]: encoders[t] for t in tasks}, theta0_name)
     return Sources(
         tasks=tuple(tasks),
         theta0=base,
@@ -172,14 +175,15 @@ def load_sources(
     """Read and check θ0 (a path, or a state dict such as the module's own encoder) and one
     single-task checkpoint per task."""
     check_tasks(tasks, checkpoints)
-    theta0_hash = None
+    theta0_hash, theta0_name = None, "pretrained encoder"
     if isinstance(theta0, (str, os.PathLike)):
+        theta0_name = f"pretrained encoder {str(theta0)!r}"
         theta0_hash = file_sha256(theta0)
         theta0 = load_state_dict(theta0)
     paths = {t: str(checkpoints[t]) for t in tasks}
     states = {t: load_state_dict(paths[t]) for t in tasks}
     origins = {t: f"checkpoint {paths[t]!r}" for t in tasks}
-    sources = sources_from_states(tasks, theta0, states, origins)
+    sources = sources_from_states(tasks, theta0, states, origins, theta0_name)
     sources.paths = paths
     sources.hashes = {t: file_sha256(paths[t]) for t in tasks}
     sources.theta0_hash = theta0_hash

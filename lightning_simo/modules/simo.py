@@ -37,11 +37,21 @@ def load_reference_metrics(paths: list[str]) -> dict[str, float]:
         p = Path(path)
         if not p.is_file():
             raise FileNotFoundError(
-                f"Reference metrics {path!r} not found; run `lightning_simo test` on the "
-                "single-task model first (it writes test_metrics.json in its run folder)."
+                f"{path}: reference metrics not found (run `lightning_simo test` on the "
+                "single-task model first: it writes test_metrics.json in its run folder)"
             )
-        data = json.loads(p.read_text())
-        merged.update({k: float(v) for k, v in data.get("metrics", data).items()})
+        try:
+            data = json.loads(p.read_text(encoding="utf-8"))
+            values = data.get("metrics", data) if isinstance(data, dict) else None
+            if not isinstance(values, dict):
+                raise ValueError(f"a JSON {type(data).__name__}, not a mapping of metrics")
+            merged.update({k: float(v) for k, v in values.items() if v is not None})
+        except (UnicodeDecodeError, ValueError, TypeError) as err:
+            detail = str(err).split("\n", 1)[0] or type(err).__name__
+            raise ValueError(
+                f"{path}: not a test_metrics.json ({detail}) (give the file `lightning_simo "
+                "test` wrote for the single-task model, or rerun that test)"
+            ) from None
     return merged
 
 
@@ -121,10 +131,24 @@ class SIMOModule(L.LightningModule):
     # ------------------------------------------------------------------ weights
     def load_net_weights(self, path: str, strict_heads: bool = True) -> None:
         """Load encoder + heads for this module's tasks from another checkpoint of a SIMONet."""
-        from lightning_simo.checkpoints import encoder_state_dict, head_state_dicts, load_state_dict
+        from lightning_simo.checkpoints import (
+            CheckpointError,
+            encoder_state_dict,
+            head_state_dicts,
+            load_state_dict,
+        )
 
         state = load_state_dict(path)
-        self.net.encoder.load_state_dict(encoder_state_dict(state), strict=False)
+        encoder = encoder_state_dict(state)
+        own = self.net.encoder.state_dict()
+        wrong = [k for k, v in encoder.items() if k in own and own[k].shape != v.shape]
+        if wrong:
+            raise CheckpointError(
+                f"{path}: made with another encoder ({wrong[0]} has shape "
+                f"{list(encoder[wrong[0]].shape)}, this model {list(own[wrong[0]].shape)}) (use "
+                "a checkpoint made with the same encoder settings: name, model_kwargs)"
+            )
+        self.net.encoder.load_state_dict(encoder, strict=False)
         heads = head_state_dicts(state)
         for task in self.task_specs:
             if task not in heads:
