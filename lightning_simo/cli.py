@@ -14,6 +14,7 @@ import sys
 from typing import Any
 
 from jsonargparse import Namespace
+from lightning.pytorch.callbacks.progress.progress_bar import ProgressBar
 from lightning.pytorch.cli import LightningCLI
 
 from lightning_simo.callbacks.guard import NonFiniteLossError
@@ -116,6 +117,9 @@ class SIMOCLI(LightningCLI):
         keys = self._parser(self.subcommand).callback_keys
         extra = [cb for k in keys if _is_active(cb := self._get(self.config_init, k))]
         trainer_config = {**self._get(self.config_init, "trainer", default={}), **kwargs}
+        if trainer_config.get("enable_progress_bar") is False:  # the override wins over configs
+            callbacks = trainer_config.get("callbacks") or []
+            trainer_config["callbacks"] = [c for c in callbacks if not isinstance(c, ProgressBar)]
         return self._instantiate_trainer(trainer_config, extra)
 
 
@@ -129,6 +133,14 @@ EXTRA_COMMANDS: dict[str, tuple[str, str]] = {
         "lightning_simo.analysis",
         "task relationships: λ sweeps per task vector, cosine "
         "similarities and norms of the task vectors",
+    ),
+    "export": (
+        "lightning_simo.export",
+        "a checkpoint -> model.safetensors + config.json + model card (Hugging Face layout)",
+    ),
+    "prepare": (
+        "lightning_simo.prepare",
+        "convert NYUv2 / Cityscapes downloads into the layout the loaders read",
     ),
 }
 """Commands beyond Lightning's fit/validate/test/predict, each a module with ``main(args)``."""
