@@ -99,3 +99,47 @@ def test_tensorboard_gets_alpha_figure_and_panels(runs: TinyRuns) -> None:
     assert {"merge/alpha_search", "val/segmentation", "val/depth"} <= set(events.Tags()["images"])
     steps = [e.step for e in events.Scalars("merge/search_score")]
     assert steps == [round(a * ALPHA_STEPS) for a in SEARCH_GRID]
+
+
+@pytest.mark.parametrize(
+    ("logger", "versioned"),
+    [
+        ({"class_path": "lightning.pytorch.loggers.CSVLogger"}, True),
+        ({"class_path": "lightning.pytorch.loggers.MLFlowLogger"}, False),
+        ([{"class_path": "lightning.pytorch.loggers.CSVLogger"}], False),
+    ],
+)
+def test_slurm_launcher_passes_a_version_only_to_a_logger_that_has_one(
+    tmp_path: Path, logger: object, versioned: bool
+) -> None:
+    import os
+    import subprocess
+
+    import yaml
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    record = tmp_path / "srun_args.txt"
+    (bin_dir / "srun").write_text(f'#!/usr/bin/env bash\nprintf "%s\\n" "$@" > {record}\n')
+    (bin_dir / "srun").chmod(0o755)
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump({"trainer": {"logger": logger}}))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    env.update(
+        SLURM_JOB_ID="77",
+        RUN_ROOT=str(tmp_path / "runs"),
+        PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+        PYTHON=sys.executable,
+    )
+    result = subprocess.run(
+        ["bash", str(Path(__file__).resolve().parents[1] / "slurm" / "launch.sh"), str(config)],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    args = record.read_text().splitlines()
+    assert ("--trainer.logger.init_args.version" in args) is versioned
+    if versioned:
+        assert args[args.index("--trainer.logger.init_args.version") + 1] == "77"

@@ -19,6 +19,10 @@ from lightning.pytorch.utilities import rank_zero_only
 __all__ = ["ProgressBar"]
 
 
+def _count(batches: Any, dataloader_idx: int) -> Any:
+    return batches[dataloader_idx] if isinstance(batches, list) else batches
+
+
 class ProgressBar(RichProgressBar):
     """Rich bars on a terminal, ``lines_per_loop`` plain progress lines per loop otherwise.
 
@@ -113,7 +117,7 @@ class ProgressBar(RichProgressBar):
             trainer, pl_module, outputs, batch, batch_idx, dataloader_idx
         )
         if self.lines and not trainer.sanity_checking:
-            total = self.total_val_batches_current_dataloader
+            total = _count(trainer.num_val_batches, dataloader_idx)
             self._line("validate", batch_idx + 1, total, trainer)
 
     def on_test_batch_end(
@@ -127,7 +131,8 @@ class ProgressBar(RichProgressBar):
     ) -> None:
         super().on_test_batch_end(trainer, pl_module, outputs, batch, batch_idx, dataloader_idx)
         if self.lines:
-            self._line("test", batch_idx + 1, self.total_test_batches_current_dataloader, trainer)
+            total = _count(trainer.num_test_batches, dataloader_idx)
+            self._line("test", batch_idx + 1, total, trainer)
 
     def on_predict_batch_end(
         self,
@@ -140,5 +145,5 @@ class ProgressBar(RichProgressBar):
     ) -> None:
         super().on_predict_batch_end(trainer, pl_module, outputs, batch, batch_idx, dataloader_idx)
         if self.lines:
-            total = self.total_predict_batches_current_dataloader
+            total = _count(trainer.num_predict_batches, dataloader_idx)
             self._line("predict", batch_idx + 1, total, trainer)
