@@ -143,3 +143,41 @@ def test_slurm_launcher_passes_a_version_only_to_a_logger_that_has_one(
     assert ("--trainer.logger.init_args.version" in args) is versioned
     if versioned:
         assert args[args.index("--trainer.logger.init_args.version") + 1] == "77"
+
+
+def test_joint_mtl_task_weights_reach_the_csv_logger(tmp_path: Path) -> None:
+    import lightning as L
+    from conftest import TINY_VIT
+    from lightning.pytorch.loggers import CSVLogger
+
+    from lightning_simo.data.synthetic import SyntheticDataModule
+    from lightning_simo.modules.joint import JointMTLModule
+
+    tasks = ["segmentation", "depth"]
+    dm = SyntheticDataModule(
+        tasks=tasks, num_train=8, num_val=4, num_test=4, height=32, width=40, batch_size=4
+    )
+    module = JointMTLModule(
+        tasks=tasks,
+        num_classes={"segmentation": 8},
+        encoder=TINY_VIT,
+        head={"kind": "linear"},
+        weighting="uncertainty",
+    )
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_epochs=1,
+        logger=CSVLogger(tmp_path, name="csv"),
+        log_every_n_steps=1,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        default_root_dir=tmp_path,
+    )
+    trainer.fit(module, datamodule=dm)
+    with open(tmp_path / "csv" / "version_0" / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    for task in tasks:
+        weights = [float(r[f"weights/{task}"]) for r in rows if r.get(f"weights/{task}")]
+        assert len(weights) == 2 and all(w > 0 for w in weights)  # one per optimiser step
