@@ -20,14 +20,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from lightning_simo.checkpoints import CheckpointError, _read_file, file_sha256
-from lightning_simo.io import atomic_write_text, ensure_writable_dir
+from lightning_simo.io import atomic_folder, atomic_write_text
 from lightning_simo.models.simo import SIMONet
 from lightning_simo.tasks import build_tasks
 
@@ -169,31 +167,17 @@ def export_checkpoint(
     """Write the export folder of ``checkpoint`` at ``out`` (refusing a non-empty ``out``
     unless ``force``)."""
     src, dest = Path(checkpoint), Path(out)
-    if dest.exists() and (not dest.is_dir() or any(dest.iterdir())) and not force:
-        raise ValueError(
-            f"Export folder {str(dest)!r} already exists and is not empty; choose another "
-            "--out or pass --force to replace it."
-        )
-    net, ckpt = net_from_checkpoint(src)
-    info: ExportInfo = {
-        "name": dest.name,
-        "checkpoint": str(src),
-        "checkpoint_sha256": file_sha256(src),
-        "merge": _merge_state(ckpt),
-        "metrics": _metrics_for(src, metrics),
-    }
-    parent = ensure_writable_dir(dest.parent if str(dest.parent) else Path("."))
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=parent))
-    try:
+    with atomic_folder(dest, force) as tmp:  # refuses a non-empty `out` before any work
+        net, ckpt = net_from_checkpoint(src)
+        info: ExportInfo = {
+            "name": dest.name,
+            "checkpoint": str(src),
+            "checkpoint_sha256": file_sha256(src),
+            "merge": _merge_state(ckpt),
+            "metrics": _metrics_for(src, metrics),
+        }
         net.save_pretrained(tmp)
         atomic_write_text(tmp / "README.md", model_card(net.config_dict(), info))
-        if dest.exists():
-            shutil.rmtree(dest)
-        tmp.chmod(0o755)
-        tmp.rename(dest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return dest
 
 

@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -26,7 +24,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from lightning_simo.io import ensure_writable_dir
+from lightning_simo.io import atomic_folder
 from lightning_simo.registry import Registry
 
 __all__ = ["DATASETS", "FORMATS", "NpyLayoutWriter", "Source", "main", "prepare"]
@@ -90,29 +88,16 @@ def _progress(samples: Iterator[Sample], total: int, what: str) -> Iterator[Samp
 
 def prepare(source: Source, out: str | Path, fmt: str = "npy", force: bool = False) -> Path:
     """Write every sample of ``source`` at ``out`` through the ``fmt`` writer, atomically."""
-    dest = Path(out)
-    if dest.exists() and (not dest.is_dir() or any(dest.iterdir())) and not force:
-        raise ValueError(
-            f"Output folder {str(dest)!r} already exists and is not empty; choose another "
-            "--out or pass --force to replace it."
-        )
     writer_cls = FORMATS.get(fmt)
-    parent = ensure_writable_dir(dest.parent if str(dest.parent) else Path("."))
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.partial.", dir=parent))
-    try:
+    with atomic_folder(out, force) as tmp:
         writer = writer_cls(tmp)
         counts = source.counts()
-        for split, index, arrays in _progress(source.samples(), sum(counts.values()), dest.name):
+        for split, index, arrays in _progress(
+            source.samples(), sum(counts.values()), Path(out).name
+        ):
             writer.write(split, index, arrays)
         writer.close()
-        if dest.exists():
-            shutil.rmtree(dest)
-        tmp.chmod(0o755)
-        tmp.rename(dest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return dest
+    return Path(out)
 
 
 def _parser() -> argparse.ArgumentParser:
