@@ -56,7 +56,7 @@ def net_from_checkpoint(path: str | Path) -> tuple[SIMONet, dict[str, Any]]:
     net = SIMONet(tasks, encoder, hp.get("head"))
     merge = _merge_state(ckpt)
     if merge and merge.get("realign") == "adapters":
-        from lightning_simo.callbacks.realign import add_adapters
+        from lightning_simo.models.adapters import add_adapters
 
         add_adapters(net.encoder, int(merge["adapter_rank"]), str(merge["adapter_form"]))
     state = {k[4:]: v for k, v in ckpt["state_dict"].items() if k.startswith("net.")}

@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from conftest import TINY_VIT  # noqa: E402
 from tiny_runs import SIZES, TASKS, TinyRuns, tiny_runs  # noqa: E402
 
-from lightning_simo.callbacks.realign import add_adapters  # noqa: E402
+from lightning_simo.models.adapters import add_adapters  # noqa: E402
 from lightning_simo.checkpoints import file_sha256  # noqa: E402
 from lightning_simo.cli import main  # noqa: E402
 from lightning_simo.export import net_from_checkpoint  # noqa: E402

@@ -124,7 +124,7 @@ class SIMONet(nn.Module):
         net = cls(tasks, config["encoder"], config["head"])
         adapters = config.get("adapters")
         if adapters:
-            from lightning_simo.callbacks.realign import add_adapters
+            from lightning_simo.models.adapters import add_adapters
 
             add_adapters(net.encoder, int(adapters["rank"]), str(adapters["form"]))
         return net
