@@ -17,10 +17,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from conftest import TINY_VIT  # noqa: E402
 from tiny_runs import SIZES, TASKS, TinyRuns, tiny_runs  # noqa: E402
 
-from lightning_simo.models.adapters import add_adapters  # noqa: E402
 from lightning_simo.checkpoints import file_sha256  # noqa: E402
 from lightning_simo.cli import main  # noqa: E402
 from lightning_simo.export import net_from_checkpoint  # noqa: E402
+from lightning_simo.models.adapters import add_adapters  # noqa: E402
 from lightning_simo.models.simo import SIMONet  # noqa: E402
 from lightning_simo.modules.simo import SIMOModule  # noqa: E402
 from lightning_simo.tasks import build_tasks  # noqa: E402
