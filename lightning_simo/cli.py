@@ -23,6 +23,7 @@ from typing import Any
 
 from jsonargparse import Namespace
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks.progress.progress_bar import ProgressBar
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
@@ -195,6 +196,9 @@ class SIMOCLI(LightningCLI):
         plugins = list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
         if not any(hasattr(p, "save_checkpoint") for p in plugins):
             trainer_config["plugins"] = [*plugins, AtomicCheckpointIO()]
+        if trainer_config.get("enable_progress_bar") is False:  # the override wins over configs
+            callbacks = trainer_config.get("callbacks") or []
+            trainer_config["callbacks"] = [c for c in callbacks if not isinstance(c, ProgressBar)]
         return self._instantiate_trainer(trainer_config, extra)
 
     # ------------------------------------------------------------------ run-folder rules
@@ -381,6 +385,14 @@ EXTRA_COMMANDS: dict[str, tuple[str, str]] = {
         "lightning_simo.analysis",
         "task relationships: λ sweeps per task vector, cosine "
         "similarities and norms of the task vectors",
+    ),
+    "export": (
+        "lightning_simo.export",
+        "a checkpoint -> model.safetensors + config.json + model card (Hugging Face layout)",
+    ),
+    "prepare": (
+        "lightning_simo.prepare",
+        "convert NYUv2 / Cityscapes downloads into the layout the loaders read",
     ),
 }
 """Commands beyond Lightning's fit/validate/test/predict, each a module with ``main(args)``."""

@@ -12,13 +12,15 @@ owner's PID, taken over (with a warning) when that process no longer exists.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
+import shutil
 import socket
 import tempfile
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import TracebackType
 
@@ -27,6 +29,7 @@ __all__ = [
     "OutputWriteError",
     "RunFolderError",
     "RunLock",
+    "atomic_folder",
     "atomic_write",
     "atomic_write_text",
     "ensure_writable_dir",
@@ -222,3 +225,29 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
             os.fsync(f.fileno())
 
     return atomic_write(path, write)
+
+
+@contextlib.contextmanager
+def atomic_folder(path: str | os.PathLike[str], force: bool = False) -> Iterator[Path]:
+    """Yield a hidden temporary folder next to ``path``; once the block completes it replaces
+    ``path``. On any error it is removed and ``path`` is untouched.
+
+    An existing non-empty ``path`` is refused unless ``force`` (then replaced at the end).
+    """
+    dest = Path(path)
+    if dest.exists() and (not dest.is_dir() or any(dest.iterdir())) and not force:
+        raise ValueError(
+            f"Output folder {str(dest)!r} already exists and is not empty; choose another "
+            "--out or pass --force to replace it."
+        )
+    parent = ensure_writable_dir(dest.parent)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.partial.", dir=parent))
+    try:
+        yield tmp
+        if dest.exists():
+            shutil.rmtree(dest)
+        os.chmod(tmp, 0o777 & ~_current_umask())
+        os.replace(tmp, dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

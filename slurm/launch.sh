@@ -13,8 +13,10 @@
 #                        statistics over the global batch, as on one GPU, identical on all ranks
 #   --trainer.default_root_dir runs/$RUN_NAME     (stable across requeues; Lightning writes
 #                        hpc_ckpt_<n>.ckpt there when SLURM signals the end of the time limit)
-#   --trainer.logger.init_args.version $SLURM_JOB_ID  (one TensorBoard folder across requeues;
-#                        a requeued job keeps its id)
+#   --trainer.logger.init_args.version $SLURM_JOB_ID  (one log folder across requeues; a
+#                        requeued job keeps its id). Only for a config with one logger that has
+#                        a version (TensorBoard, CSV, W&B); MLflow, several loggers or none get
+#                        no such argument. LIGHTNING_SIMO_LOG_VERSION overrides the id ("" = off).
 #   --ckpt_path hpc      only when runs/$RUN_NAME already holds an hpc_ckpt_*.ckpt
 # Later arguments win, so anything in "extra arguments" overrides these.
 #
@@ -51,13 +53,28 @@ nodes=${SLURM_NNODES:-1}
 tasks_per_node=${SLURM_NTASKS_PER_NODE:-${SLURM_TASKS_PER_NODE:-1}}
 tasks_per_node=${tasks_per_node%%(*}
 
+# does the config's logger take a `version`? (one TensorBoard / CSV / W&B logger)
+versioned=$("${PYTHON:-python3}" - "$config" <<'EOF'
+import sys
+
+import yaml
+
+logger = ((yaml.safe_load(open(sys.argv[1])) or {}).get("trainer") or {}).get("logger")
+name = logger.get("class_path", "") if isinstance(logger, dict) else ""
+print(int(name.rsplit(".", 1)[-1] in ("TensorBoardLogger", "CSVLogger", "WandbLogger")))
+EOF
+)
+log_version=${LIGHTNING_SIMO_LOG_VERSION-$SLURM_JOB_ID}
+
 args=(
     fit --config "$config"
     --trainer.default_root_dir "$root"
-    --trainer.logger.init_args.version "$SLURM_JOB_ID"
     --trainer.devices "$tasks_per_node"
     --trainer.num_nodes "$nodes"
 )
+if [[ "$versioned" == 1 && -n "$log_version" ]]; then
+    args+=(--trainer.logger.init_args.version "$log_version")
+fi
 if (( nodes * tasks_per_node > 1 )); then
     args+=(
         --trainer.strategy "${LIGHTNING_SIMO_STRATEGY:-ddp_find_unused_parameters_true}"

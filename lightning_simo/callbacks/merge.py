@@ -19,6 +19,11 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
 from lightning_simo.callbacks.realign import REALIGN_MODES, RealignSettings
+from lightning_simo.callbacks.search_report import (
+    log_alpha_search,
+    log_merge_facts,
+    report_restored_alpha,
+)
 from lightning_simo.evaluation import evaluate_net, mean_normalized_performance
 from lightning_simo.merging import (
     BN_STATS_POLICIES,
@@ -345,19 +350,27 @@ class MergeCallback(L.Callback):
         metrics: dict[str, float] = {"merge/trainable_params": float(trainable)}
         if self.alpha is not None:
             metrics["merge/alpha"] = self.alpha
-        for i, (alpha, score) in enumerate(self.search_scores.items()):
-            if trainer.logger is not None:
-                trainer.logger.log_metrics(
-                    {"merge/search_alpha": alpha, "merge/search_score": score}, step=i
-                )
-        if trainer.logger is not None:
-            trainer.logger.log_metrics(metrics, step=0)
+        if self.search_scores and not self.restoring:
+            log_alpha_search(
+                trainer, self.search_scores, self.alpha, self.method, self.search_split
+            )
+        log_merge_facts(
+            trainer, metrics if not self.restoring else {"merge/trainable_params": trainable}
+        )
+        shown = "from the checkpoint" if self.restoring else self.alpha
         rank_zero_info(
-            f"[merge] {self.method} of {len(self.sources)} task(s), α = {self.alpha}, "
+            f"[merge] {self.method} of {len(self.sources)} task(s), α = {shown}, "
             f"re-alignment '{self.realign}': {trainable:,} trainable parameters"
         )
 
     # ------------------------------------------------------------------ runtime
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.restoring:  # Lightning has restored this callback's state (α) by now
+            report_restored_alpha(trainer, self.method, self.alpha)
+            self.restoring = False
+
+    on_validation_start = on_test_start = on_predict_start = on_fit_start
+
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not self.mode.trains_encoder:
             # a frozen encoder must not update BatchNorm statistics or use dropout

@@ -366,7 +366,12 @@ class SIMOModule(L.LightningModule):
         }
 
     def on_fit_start(self) -> None:
-        if self.logger is not None:
-            self.logger.log_hyperparams(
-                self.hparams, {"hp/trainable_params": float(self.trainable_parameters())}
-            )
+        from lightning.pytorch.loggers import TensorBoardLogger
+
+        metrics = {"hp/trainable_params": float(self.trainable_parameters())}
+        for logger in self.loggers:  # only TensorBoard takes hparam metrics; the rest get scalars
+            if isinstance(logger, TensorBoardLogger):
+                logger.log_hyperparams(self.hparams, metrics)
+            else:
+                logger.log_hyperparams(self.hparams)
+                logger.log_metrics(metrics, step=0)
