@@ -130,6 +130,10 @@ EXTRA_COMMANDS: dict[str, tuple[str, str]] = {
         "task relationships: λ sweeps per task vector, cosine "
         "similarities and norms of the task vectors",
     ),
+    "merge": (
+        "lightning_simo.merge_cli",
+        "merge checkpoints without training: lazily, tensor by tensor, into sharded safetensors",
+    ),
 }
 """Commands beyond Lightning's fit/validate/test/predict, each a module with ``main(args)``."""
 

@@ -80,7 +80,7 @@ class ShardedWriter:
         self.max_bytes = parse_size(max_shard_size)
         self.metadata = dict(metadata or {})
         if self.folder.exists() and (not self.folder.is_dir() or any(self.folder.iterdir())):
-            raise FileExistsError(
+            raise ValueError(
                 f"output {self.folder} already exists; remove it or choose another output folder"
             )
         self._tmp: Path | None = None
