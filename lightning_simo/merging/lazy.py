@@ -22,7 +22,9 @@ Layout conventions follow Hugging Face (index ``{"metadata": {"total_size"}, "we
 from __future__ import annotations
 
 import json
+import math
 import os
+import struct
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -104,6 +106,56 @@ def source_files(path: str | os.PathLike[str]) -> list[Path]:
     return [path]
 
 
+class _TensorFile:
+    """One safetensors file: validated by ``safe_open``, then read with positional reads.
+
+    ``safe_open`` memory-maps the file, and every page a read touches stays in the process's
+    resident set until the mapping is closed, so reading N checkpoints through it grows RSS
+    by N models even though each tensor is dropped at once. Positional reads (``os.pread``) of
+    the byte range the header names keep exactly the copied tensor, nothing else.
+    """
+
+    def __init__(self, path: Path) -> None:
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as handle:  # checks sizes
+                self.metadata = dict(handle.metadata() or {})
+            with open(path, "rb") as raw:
+                (length,) = struct.unpack("<Q", raw.read(8))
+                header = json.loads(raw.read(length))
+        except (SafetensorError, OSError, ValueError) as err:
+            raise CheckpointError(
+                f"{path} is not a readable safetensors file (truncated or corrupt: {err})"
+            ) from None
+        header.pop("__metadata__", None)
+        self.path = path
+        self.start = 8 + length
+        self.entries: dict[str, tuple[torch.dtype, tuple[int, ...], int]] = {}
+        for key, entry in header.items():
+            dtype = _torch_dtype(entry["dtype"], path, key)
+            self.entries[key] = (dtype, tuple(entry["shape"]), entry["data_offsets"][0])
+        self._fd = os.open(path, os.O_RDONLY)
+
+    def read(self, key: str, start: int | None = None, stop: int | None = None) -> Tensor:
+        dtype, shape, offset = self.entries[key]
+        if start is not None and shape:
+            row = math.prod(shape[1:]) * dtype.itemsize
+            offset, shape = offset + start * row, (stop - start, *shape[1:])
+        count = math.prod(shape) * dtype.itemsize
+        data = os.pread(self._fd, count, self.start + offset)
+        if len(data) != count:
+            raise CheckpointError(f"{self.path} ended while reading {key!r} (truncated file)")
+        if not count:
+            return torch.empty(shape, dtype=dtype)
+        return torch.frombuffer(bytearray(data), dtype=dtype).reshape(shape)
+
+    def __del__(self) -> None:
+        fd = getattr(self, "_fd", None)
+        if fd is not None:
+            os.close(fd)
+
+
 class LazyStateDict(Mapping[str, Tensor]):
     """A read-only ``{key: tensor}`` over safetensors file(s); data is read on access.
 
@@ -113,8 +165,6 @@ class LazyStateDict(Mapping[str, Tensor]):
     """
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
-        from safetensors import SafetensorError, safe_open
-
         self.path = Path(path)
         files = source_files(self.path)
         if files[0].name.endswith(".index.json"):
@@ -127,26 +177,15 @@ class LazyStateDict(Mapping[str, Tensor]):
                     "produces it)"
                 )
             locations, shards = {}, files
-        self._handles: dict[Path, Any] = {}
-        for shard in shards:
-            try:
-                self._handles[shard] = safe_open(str(shard), framework="pt", device="cpu")
-            except (SafetensorError, OSError) as err:
-                raise CheckpointError(
-                    f"{shard} is not a readable safetensors file (truncated or corrupt: {err})"
-                ) from None
-        if not locations:
-            locations = {key: shards[0] for key in self._handles[shards[0]].keys()}  # noqa: SIM118
-        self._where: dict[str, Path] = {}
+        self._files = [_TensorFile(shard) for shard in shards]
+        self._where: dict[str, _TensorFile] = {}
         self._meta: dict[str, Tensor] = {}
-        for shard, handle in self._handles.items():
-            for key in handle.keys():  # noqa: SIM118 (safe_open is not a mapping)
-                if locations.get(key) != shard:
+        for file in self._files:
+            for key, (dtype, shape, _) in sorted(file.entries.items(), key=lambda e: e[1][2]):
+                if locations and locations.get(key) != file.path:
                     continue
-                part = handle.get_slice(key)
-                dtype = _torch_dtype(part.get_dtype(), shard, key)
-                self._meta[key] = torch.empty(part.get_shape(), dtype=dtype, device="meta")
-                self._where[key] = shard
+                self._meta[key] = torch.empty(shape, dtype=dtype, device="meta")
+                self._where[key] = file
         absent = next((k for k in locations if k not in self._where), None)
         if absent is not None:
             raise CheckpointError(
@@ -160,15 +199,14 @@ class LazyStateDict(Mapping[str, Tensor]):
 
     def file_metadata(self) -> dict[str, str]:
         """The ``__metadata__`` of the first file (sharded writers repeat it in every shard)."""
-        first = next(iter(self._handles.values()))
-        return dict(first.metadata() or {})
+        return dict(self._files[0].metadata)
 
     def __getitem__(self, key: str) -> Tensor:
-        return self._handles[self._where[key]].get_tensor(key)
+        return self._where[key].read(key)
 
     def read_rows(self, key: str, start: int, stop: int) -> Tensor:
-        """Rows ``start:stop`` of ``key`` (only those bytes are copied out of the file)."""
-        return self._handles[self._where[key]].get_slice(key)[start:stop]
+        """Rows ``start:stop`` of ``key`` (only those bytes are read from the file)."""
+        return self._where[key].read(key, start, stop)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._meta)
