@@ -81,7 +81,7 @@ def _sha(tensor: torch.Tensor) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def worker(mode: str, method: str, paths: list[Path], out: Path) -> dict[str, object]:
+def worker(mode: str, method: str, paths: list[Path], out: Path, threads: int) -> dict[str, object]:
     from safetensors.torch import load_file, save_file
 
     from lightning_simo.merging import merge
@@ -89,6 +89,7 @@ def worker(mode: str, method: str, paths: list[Path], out: Path) -> dict[str, ob
     from lightning_simo.merging.sharded import write_sharded
 
     options = METHODS[method]
+    torch.set_num_threads(threads)
     baseline = _peak_rss_bytes()
     start, cpu = time.perf_counter(), time.process_time()
     if mode == "in-memory":
@@ -117,8 +118,11 @@ def worker(mode: str, method: str, paths: list[Path], out: Path) -> dict[str, ob
     }
 
 
-def _run_worker(mode: str, method: str, paths: list[Path], out: Path) -> dict[str, object]:
-    command = [sys.executable, __file__, "--worker", mode, method, str(out), *map(str, paths)]
+def _run_worker(
+    mode: str, method: str, paths: list[Path], out: Path, threads: int
+) -> dict[str, object]:
+    command = [sys.executable, __file__, "--threads", str(threads), "--worker", mode, method]
+    command += [str(out), *map(str, paths)]
     done = subprocess.run(command, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"{mode} {method} failed:\n{done.stderr}")
@@ -136,22 +140,32 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--dir", default="/tmp", help="where the temporary checkpoints go")
     parser.add_argument("--keep", action="store_true", help="keep the checkpoints")
+    parser.add_argument("--inputs", help="reuse the checkpoints a --keep run left in this folder")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch intra-op threads of each run (both modes)"
+    )
     parser.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         mode, method, out, *paths = args.worker
-        print(json.dumps(worker(mode, method, [Path(p) for p in paths], Path(out))))
+        paths = [Path(p) for p in paths]
+        print(json.dumps(worker(mode, method, paths, Path(out), args.threads)))
         return
 
-    folder = Path(tempfile.mkdtemp(prefix="merge_scale_", dir=args.dir))
+    folder = Path(args.inputs or tempfile.mkdtemp(prefix="merge_scale_", dir=args.dir))
     try:
         started = time.perf_counter()
-        paths = write_checkpoints(folder, args.model, max(args.tasks))
+        if args.inputs:
+            paths = [folder / "theta0.safetensors"]
+            paths += [folder / f"task{t}.safetensors" for t in range(max(args.tasks))]
+        else:
+            paths = write_checkpoints(folder, args.model, max(args.tasks))
         params = sum(torch.Size(s).numel() for s in _shapes(args.model).values())
         size = paths[1].stat().st_size / 1e9
         print(
             f"{args.model}: {params / 1e6:.0f} M parameters, fp16 checkpoints of {size:.2f} GB; "
-            f"written in {time.perf_counter() - started:.0f} s to {folder}"
+            f"ready in {time.perf_counter() - started:.0f} s in {folder}; {args.threads} "
+            "torch thread(s) per run"
         )
         header = (
             f"{'method':<16} {'N':>2} | {'peak RSS GB mem':>15} {'lazy':>6} | "
@@ -164,8 +178,8 @@ def main() -> None:
         for method in args.methods:
             for n in args.tasks:
                 inputs = paths[: n + 1]
-                mem = _run_worker("in-memory", method, inputs, folder / "out")
-                lazy = _run_worker("lazy", method, inputs, folder / "out")
+                mem = _run_worker("in-memory", method, inputs, folder / "out", args.threads)
+                lazy = _run_worker("lazy", method, inputs, folder / "out", args.threads)
                 same = mem["sha"] == lazy["sha"]
                 ratio = lazy["wall_s"] / mem["wall_s"]
                 lazy_peak[method, n] = lazy["peak_rss"] / 1e9

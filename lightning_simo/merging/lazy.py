@@ -143,12 +143,10 @@ class _TensorFile:
             row = math.prod(shape[1:]) * dtype.itemsize
             offset, shape = offset + start * row, (stop - start, *shape[1:])
         count = math.prod(shape) * dtype.itemsize
-        data = os.pread(self._fd, count, self.start + offset)
-        if len(data) != count:
+        data = torch.empty(count, dtype=torch.uint8)
+        if count and os.preadv(self._fd, [data.numpy()], self.start + offset) != count:
             raise CheckpointError(f"{self.path} ended while reading {key!r} (truncated file)")
-        if not count:
-            return torch.empty(shape, dtype=dtype)
-        return torch.frombuffer(bytearray(data), dtype=dtype).reshape(shape)
+        return data.view(dtype).reshape(shape)
 
     def __del__(self) -> None:
         fd = getattr(self, "_fd", None)
