@@ -241,10 +241,12 @@ class StateDictView(Mapping[str, Tensor]):
         source: Mapping[str, Tensor],
         plan: Mapping[str, tuple[str, tuple[int, int] | None]],
         device: str | torch.device = "cpu",
+        trimmer: _HeapTrimmer | None = None,
     ) -> None:
         self.source = source
         self.plan = dict(plan)
         self.device = torch.device(device)
+        self.trimmer = trimmer
         self._meta: dict[str, Tensor] = {}
         for key, (name, rows) in self.plan.items():
             ref = _meta_of(source, name)
@@ -272,6 +274,8 @@ class StateDictView(Mapping[str, Tensor]):
             value = self.source.read_rows(name, *rows)
         else:
             value = self.source[name][rows[0] : rows[1]]
+        if self.trimmer is not None:
+            self.trimmer.count(value.numel() * value.element_size())
         return value.to(self.device)
 
     def __iter__(self) -> Iterator[str]:
@@ -282,6 +286,32 @@ class StateDictView(Mapping[str, Tensor]):
 
     def __contains__(self, key: object) -> bool:
         return key in self.plan
+
+
+class _HeapTrimmer:
+    """Give freed heap memory back to the OS every ``interval`` bytes read (glibc only).
+
+    A merge frees temporaries of many sizes between long-lived results; glibc keeps the holes
+    in its heap, so the resident set creeps towards the sum of everything ever allocated.
+    ``malloc_trim`` returns free pages wherever they are; where it does not exist, nothing
+    happens.
+    """
+
+    def __init__(self, interval: int = 256 << 20) -> None:
+        self.interval = interval
+        self.pending = 0
+        try:
+            import ctypes
+
+            self._trim = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            self._trim = None
+
+    def count(self, nbytes: int) -> None:
+        self.pending += nbytes
+        if self.pending >= self.interval and self._trim is not None:
+            self._trim(0)
+            self.pending = 0
 
 
 _BLOCK_MARK = "\x1f"  # cannot appear in a module path, so block keys never clash with real keys
@@ -327,7 +357,8 @@ def merge_lazily(
     if chunk_numel is not None and spec.is_elementwise(spec.normalise(method_options)):
         split = set(_select_keys(meta, common.get("keys"), common.get("bn_stats", "merge")))
     plan = _row_plan(meta, split, chunk_numel)
-    views = [StateDictView(sd, plan, device) for sd in (pretrained, *finetuned)]
+    trimmer = _HeapTrimmer()
+    views = [StateDictView(sd, plan, device, trimmer) for sd in (pretrained, *finetuned)]
     if split:
         # the merge keys, resolved on real names above, in block form
         common = {"bn_stats": "merge", "keys": [k for k, (n, _) in plan.items() if n in split]}
