@@ -134,6 +134,10 @@ EXTRA_COMMANDS: dict[str, tuple[str, str]] = {
         "lightning_simo.merge_cli",
         "merge checkpoints without training: lazily, tensor by tensor, into sharded safetensors",
     ),
+    "prepare": (
+        "lightning_simo.prepare_cli",
+        "write a datamodule's splits as a streaming dataset (--format litdata)",
+    ),
 }
 """Commands beyond Lightning's fit/validate/test/predict, each a module with ``main(args)``."""
 

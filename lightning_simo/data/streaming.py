@@ -28,7 +28,6 @@ from torch.utils.data import Dataset
 
 from lightning_simo.data.base import SPLITS, DenseDataModule
 from lightning_simo.data.transforms import (
-    LABEL_KEYS,
     SCALAR_KEYS,
     build_transform,
     to_tensor_sample,
@@ -72,11 +71,13 @@ def write_litdata(
     splits: Sequence[str] = SPLITS,
     chunk_bytes: str = "64MB",
     num_workers: int = 1,
+    start_method: str | None = None,
 ) -> dict[str, int]:
     """Write ``splits`` of ``datamodule`` (un-augmented) under ``output_dir/<split>``.
 
     Returns the sample count per split. ``output_dir`` may be a local folder or a URL litdata
     can write to. Existing split folders are refused (litdata would append to them).
+    ``start_method`` is litdata's for its writer processes (``"fork"`` starts fastest).
     """
     import litdata
 
@@ -99,6 +100,7 @@ def write_litdata(
             num_workers=num_workers,
             verbose=False,
             mode=None,
+            start_method=start_method,
         )
         info = {
             "source": f"{type(datamodule).__module__}.{type(datamodule).__qualname__}",
