@@ -154,7 +154,26 @@ class _TensorFile:
             os.close(fd)
 
 
-class LazyStateDict(Mapping[str, Tensor]):
+class _Described(Mapping[str, Tensor]):
+    """A mapping whose keys, shapes and dtypes are known up front (``self._meta``)."""
+
+    _meta: dict[str, Tensor]
+
+    def metadata(self) -> Mapping[str, Tensor]:
+        """Meta-device tensors with every key's shape and dtype (no data read)."""
+        return self._meta
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._meta)
+
+    def __len__(self) -> int:
+        return len(self._meta)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._meta
+
+
+class LazyStateDict(_Described):
     """A read-only ``{key: tensor}`` over safetensors file(s); data is read on access.
 
     ``path``: a ``.safetensors`` file, a ``*.index.json`` of a sharded checkpoint, or a folder
@@ -191,10 +210,6 @@ class LazyStateDict(Mapping[str, Tensor]):
                 "does not hold it (re-export the checkpoint)"
             )
 
-    def metadata(self) -> Mapping[str, Tensor]:
-        """Meta-device tensors with every key's shape and dtype (no data read)."""
-        return self._meta
-
     def file_metadata(self) -> dict[str, str]:
         """The ``__metadata__`` of the first file (sharded writers repeat it in every shard)."""
         return dict(self._files[0].metadata)
@@ -205,15 +220,6 @@ class LazyStateDict(Mapping[str, Tensor]):
     def read_rows(self, key: str, start: int, stop: int) -> Tensor:
         """Rows ``start:stop`` of ``key`` (only those bytes are read from the file)."""
         return self._where[key].read(key, start, stop)
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._meta)
-
-    def __len__(self) -> int:
-        return len(self._meta)
-
-    def __contains__(self, key: object) -> bool:
-        return key in self._meta
 
 
 def open_state_dict(path: str | os.PathLike[str]) -> Mapping[str, Tensor]:
@@ -228,7 +234,7 @@ def _meta_of(source: Mapping[str, Tensor], key: str) -> Tensor:
     return tensor_metadata(source)[key]
 
 
-class StateDictView(Mapping[str, Tensor]):
+class StateDictView(_Described):
     """Keys of another state dict, renamed, optionally split into row blocks, moved to a device.
 
     ``plan`` maps each view key to ``(source key, rows)`` where ``rows`` is ``None`` (the whole
@@ -263,9 +269,6 @@ class StateDictView(Mapping[str, Tensor]):
         """``{new key: source key}`` as a view (e.g. the encoder part of a checkpoint)."""
         return cls(source, {new: (old, None) for new, old in names.items()}, device)
 
-    def metadata(self) -> Mapping[str, Tensor]:
-        return self._meta
-
     def __getitem__(self, key: str) -> Tensor:
         name, rows = self.plan[key]
         if rows is None:
@@ -277,15 +280,6 @@ class StateDictView(Mapping[str, Tensor]):
         if self.trimmer is not None:
             self.trimmer.count(value.numel() * value.element_size())
         return value.to(self.device)
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.plan)
-
-    def __len__(self) -> int:
-        return len(self.plan)
-
-    def __contains__(self, key: object) -> bool:
-        return key in self.plan
 
 
 class _HeapTrimmer:
