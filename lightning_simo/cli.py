@@ -392,7 +392,12 @@ EXTRA_COMMANDS: dict[str, tuple[str, str]] = {
     ),
     "prepare": (
         "lightning_simo.prepare",
-        "convert NYUv2 / Cityscapes downloads into the layout the loaders read",
+        "convert NYUv2 / Cityscapes downloads into the layout the loaders read, or a "
+        "datamodule's splits into a streaming dataset (--format litdata)",
+    ),
+    "merge": (
+        "lightning_simo.merge_cli",
+        "merge checkpoints without training: lazily, tensor by tensor, into sharded safetensors",
     ),
 }
 """Commands beyond Lightning's fit/validate/test/predict, each a module with ``main(args)``."""

@@ -48,6 +48,7 @@ __all__ = [
     "MergeInputs",
     "MergeMethod",
     "Option",
+    "iter_merge",
     "keep_count",
     "merge",
     "register_merge_method",
@@ -87,7 +88,8 @@ class MergeInputs:
     @property
     def numel(self) -> int:
         """Number of merged coordinates (per task)."""
-        return sum(self.pretrained[k].numel() for k in self.keys)
+        shapes = tensor_metadata(self.pretrained)
+        return sum(shapes[k].numel() for k in self.keys)
 
     def theta0(self, key: str) -> Tensor:
         return self.pretrained[key].to(self.dtype)
@@ -119,6 +121,18 @@ class MergeInputs:
 
 
 MergeFn = Callable[[MergeInputs, Mapping[str, Any]], dict[str, Tensor]]
+Granularity = bool | Callable[[Mapping[str, Any]], bool]
+
+
+def tensor_metadata(state_dict: Mapping[str, Tensor]) -> Mapping[str, Tensor]:
+    """Shapes and dtypes of ``state_dict`` without reading its data.
+
+    A lazy state dict (one that reads from disk on access) offers ``metadata()``, a mapping of
+    meta-device tensors, so checks of keys, shapes and dtypes cost no I/O; an in-memory dict is
+    its own metadata.
+    """
+    describe = getattr(state_dict, "metadata", None)
+    return describe() if callable(describe) else state_dict
 
 
 class _Invalid(ValueError):
@@ -141,6 +155,18 @@ class MergeMethod:
     fn: MergeFn
     options: Mapping[str, Option] = field(default_factory=dict)
     validate: Callable[[Mapping[str, Any]], dict[str, Any]] | None = None
+    keywise: Granularity = False
+    elementwise: Granularity = False
+
+    def is_keywise(self, options: Mapping[str, Any]) -> bool:
+        """Whether each key's result depends on that key's inputs only (so results can be
+        produced and written one key at a time)."""
+        return self.keywise(options) if callable(self.keywise) else self.keywise
+
+    def is_elementwise(self, options: Mapping[str, Any]) -> bool:
+        """Whether splitting tensors into pieces (as extra keys) leaves every coordinate's result
+        unchanged, global statistics included: lazy merging then reads big tensors in chunks."""
+        return self.elementwise(options) if callable(self.elementwise) else self.elementwise
 
     def normalise(self, options: Mapping[str, Any]) -> dict[str, Any]:
         """Validated options with defaults filled in (raises ``ValueError``)."""
@@ -161,16 +187,20 @@ def register_merge_method(
     options: Mapping[str, Option] | None = None,
     validate: Callable[[Mapping[str, Any]], dict[str, Any]] | None = None,
     replace: bool = False,
+    keywise: Granularity = False,
+    elementwise: Granularity = False,
 ) -> Any:
     """Register ``fn`` under ``name`` (usable as a decorator when ``fn`` is omitted).
 
     ``fn(inputs, options)`` returns ``{key: merged tensor}`` for every key in ``inputs.keys``
     (use ``inputs.finish`` to cast). ``options`` declares the accepted options; ``validate``
-    replaces the declarative check entirely when options depend on each other.
+    replaces the declarative check entirely when options depend on each other. ``keywise`` and
+    ``elementwise`` (a bool, or a function of the validated options) tell :func:`iter_merge` and
+    lazy merging how finely the method can be streamed; the safe default is neither.
     """
 
     def add(function: MergeFn) -> MergeFn:
-        spec = MergeMethod(name, function, dict(options or {}), validate)
+        spec = MergeMethod(name, function, dict(options or {}), validate, keywise, elementwise)
         MERGE_METHODS.register(name, spec, replace=replace)
         return function
 
@@ -434,6 +464,74 @@ def merge(
     Returns:
         A new state dict with ``pretrained``'s keys, order and per-tensor dtypes.
     """
+    spec, method_options, inputs = _prepare(pretrained, finetuned, method, options)
+    merged: dict[str, Tensor] = {}
+    if inputs is not None:
+        with _progress(progress, f"merging ({method})", len(inputs.keys)) as on_finish:
+            inputs = dataclasses.replace(inputs, on_finish=on_finish)
+            merged = spec.fn(inputs, method_options)
+        _check_complete(merged, inputs.keys, method)
+    result: dict[str, Tensor] = {}
+    for key, value in pretrained.items():
+        if key in merged:
+            result[key] = cast_like(merged[key], value)
+        else:
+            result[key] = value.detach().clone()
+    return result
+
+
+def iter_merge(
+    pretrained: Mapping[str, Tensor],
+    finetuned: Sequence[Mapping[str, Tensor]],
+    method: str,
+    **options: Any,
+) -> Iterator[tuple[str, Tensor]]:
+    """:func:`merge` as a stream of ``(key, merged tensor)`` in ``pretrained``'s key order.
+
+    The values are those of :func:`merge`, bit for bit. A keywise method (each key's result
+    depends on that key only) runs one key at a time, so a consumer that writes each tensor
+    out holds one key's inputs and result, never the model. Other methods (e.g. TIES, whose
+    sign election needs a model-wide majority) run over all keys first; their results are then
+    handed out and released one by one. Options are validated before the first value.
+    """
+    spec, method_options, inputs = _prepare(pretrained, finetuned, method, options)
+    return _stream(pretrained, spec, method_options, inputs)
+
+
+def _stream(
+    pretrained: Mapping[str, Tensor],
+    spec: MergeMethod,
+    method_options: dict[str, Any],
+    inputs: MergeInputs | None,
+) -> Iterator[tuple[str, Tensor]]:
+    keys = set(inputs.keys) if inputs is not None else set()
+    merged: dict[str, Tensor] = {}
+    if inputs is not None and not spec.is_keywise(method_options):
+        merged = spec.fn(inputs, method_options)
+        _check_complete(merged, inputs.keys, spec.name)
+    for key in tensor_metadata(pretrained):
+        if key not in keys:
+            yield key, pretrained[key].detach().clone()
+            continue
+        if key in merged:
+            value = merged.pop(key)
+        else:
+            one = MergeInputs(inputs.pretrained, inputs.finetuned, (key,), inputs.dtype)
+            value = spec.fn(one, method_options).get(key)
+            if value is None:
+                _check_complete({}, (key,), spec.name)
+        reference = tensor_metadata(pretrained)[key]
+        yield key, value.to(dtype=reference.dtype)
+
+
+def _prepare(
+    pretrained: Mapping[str, Tensor],
+    finetuned: Sequence[Mapping[str, Tensor]],
+    method: str,
+    options: Mapping[str, Any],
+) -> tuple[MergeMethod, dict[str, Any], MergeInputs | None]:
+    """Validate method, options and inputs; the inputs of the method (``None``: nothing to
+    merge). Shapes and dtypes come from :func:`tensor_metadata`, so lazy inputs are not read."""
     spec = MERGE_METHODS.get(method)
     options = dict(options)
     bn_stats = options.pop("bn_stats", "merge")
@@ -448,25 +546,20 @@ def merge(
     if not finetuned:
         raise ValueError("merge needs at least one fine-tuned state dict")
     names = [f"finetuned {i}" for i in range(len(finetuned))]
-    check_compatible(pretrained, finetuned, names=names, reference_name="pretrained")
+    reference = tensor_metadata(pretrained)
+    described = [tensor_metadata(ft) for ft in finetuned]
+    check_compatible(reference, described, names=names, reference_name="pretrained")
+    merge_keys = _select_keys(reference, keys, bn_stats)
+    if not merge_keys:
+        return spec, method_options, None
+    dtype = _compute_dtype(reference, described, merge_keys)
+    return spec, method_options, MergeInputs(pretrained, finetuned, merge_keys, dtype)
 
-    merge_keys = _select_keys(pretrained, keys, bn_stats)
-    merged: dict[str, Tensor] = {}
-    if merge_keys:
-        dtype = _compute_dtype(pretrained, finetuned, merge_keys)
-        with _progress(progress, f"merging ({method})", len(merge_keys)) as on_finish:
-            inputs = MergeInputs(pretrained, finetuned, merge_keys, dtype, on_finish)
-            merged = spec.fn(inputs, method_options)
-        missing = next((k for k in merge_keys if k not in merged), None)
-        if missing is not None:
-            raise RuntimeError(f"merge method {method!r} returned no value for key {missing!r}")
-    result: dict[str, Tensor] = {}
-    for key, value in pretrained.items():
-        if key in merged:
-            result[key] = cast_like(merged[key], value)
-        else:
-            result[key] = value.detach().clone()
-    return result
+
+def _check_complete(merged: Mapping[str, Tensor], keys: Sequence[str], method: str) -> None:
+    missing = next((k for k in keys if k not in merged), None)
+    if missing is not None:
+        raise RuntimeError(f"merge method {method!r} returned no value for key {missing!r}")
 
 
 @contextlib.contextmanager
@@ -675,7 +768,23 @@ def _dare(inputs: MergeInputs, options: Mapping[str, Any]) -> dict[str, Tensor]:
     return MERGE_METHODS.get(base).fn(dropped, base_options)
 
 
-register_merge_method("average", _average)
-register_merge_method("task_arithmetic", _task_arithmetic, options=_TA_OPTIONS)
-register_merge_method("ties", _ties, options=_TIES_OPTIONS)
-register_merge_method("dare", _dare, options=_DARE_OPTIONS, validate=_validate_dare)
+register_merge_method("average", _average, keywise=True, elementwise=True)
+register_merge_method(
+    "task_arithmetic", _task_arithmetic, options=_TA_OPTIONS, keywise=True, elementwise=True
+)
+# TIES elects signs against a model-wide majority (not keywise); global trimming ranks over all
+# coordinates, so splitting tensors changes nothing, while per-tensor trimming ranks per tensor.
+register_merge_method(
+    "ties",
+    _ties,
+    options=_TIES_OPTIONS,
+    elementwise=lambda options: options["trim_scope"] == "global",
+)
+# DARE's masks are drawn per (task, key) over the key's whole shape: never split a tensor.
+register_merge_method(
+    "dare",
+    _dare,
+    options=_DARE_OPTIONS,
+    validate=_validate_dare,
+    keywise=lambda options: options["base"] == "task_arithmetic",
+)

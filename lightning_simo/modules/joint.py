@@ -355,6 +355,13 @@ class JointMTLModule(SIMOModule):
                 f"{self.hparams.grad_clip}); remove trainer.gradient_clip_val="
                 f"{self.trainer.gradient_clip_val} or set model.grad_clip to null."
             )
+        if self.weighting.requires_manual_backward and _shards_parameters(self.trainer.strategy):
+            raise ValueError(
+                f"weighting {self.hparams.weighting!r} needs per-task gradients of a whole "
+                "shared encoder block, which FSDP shards across ranks; train it with "
+                "--trainer.strategy ddp_find_unused_parameters_true, or use weighting equal or "
+                "uncertainty under FSDP."
+            )
         if hasattr(self.weighting, "reduce_fn") and self.trainer.world_size > 1:
             self.weighting.reduce_fn = self._mean_over_ranks  # GradNorm's and FAMO's statistics
 
@@ -405,3 +412,10 @@ def _build(name: str, specs: Mapping[str, Any], options: Mapping[str, Any]) -> W
         raise ValueError(
             f"weighting_options {dict(options)} do not fit weighting {name!r}: {err}"
         ) from None
+
+
+def _shards_parameters(strategy: Any) -> bool:
+    """Whether ``strategy`` shards parameters (FSDP, or FSDP2 through ModelParallelStrategy)."""
+    from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
+
+    return isinstance(strategy, FSDPStrategy | ModelParallelStrategy)

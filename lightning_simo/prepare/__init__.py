@@ -103,7 +103,9 @@ def prepare(source: Source, out: str | Path, fmt: str = "npy", force: bool = Fal
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lightning_simo prepare",
-        description="Convert an official dataset download into the layout the loaders read.",
+        description="Convert an official dataset download into the layout the loaders read "
+        "(or write any datamodule's splits for streaming: prepare --format litdata --config "
+        "CONFIG --out DIR|s3://...).",
     )
     sub = parser.add_subparsers(dest="dataset", required=True, metavar="{nyuv2,cityscapes}")
     for name, module_name in DATASETS.items():
@@ -119,7 +121,14 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(args: list[str] | None = None) -> None:
-    ns = _parser().parse_args(args)
+    argv = sys.argv[1:] if args is None else list(args)
+    if argv and argv[0] not in DATASETS and "litdata" in argv:
+        # `prepare --format litdata --config ...`: a datamodule's splits for streaming
+        from lightning_simo.prepare.litdata import main as write_streaming
+
+        write_streaming(argv)
+        return
+    ns = _parser().parse_args(argv)
     FORMATS.get(ns.format)  # an unknown format fails before the source is read
     module: Any = importlib.import_module(DATASETS[ns.dataset])
     source = module.open_source(ns)
