@@ -75,6 +75,8 @@ class Registry(Generic[T]):
             raise UnknownNameError(message)
         return self._entries[key]
 
+    __getitem__ = get
+
     def names(self) -> list[str]:
         """Registered names, sorted."""
         return sorted(self._entries)

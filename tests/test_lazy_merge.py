@@ -32,6 +32,7 @@ from lightning_simo.merging import MERGE_METHODS, merge
 from lightning_simo.merging.lazy import INDEX_NAME, LazyStateDict, merge_lazily
 from lightning_simo.merging.methods import iter_merge
 from lightning_simo.merging.sharded import parse_size, write_sharded
+from lightning_simo.merging.statistics import statistics_of
 from lightning_simo.modules.simo import SIMOModule
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -42,7 +43,9 @@ HEAD = {"kind": "linear", "upsample": 4}
 REPO = Path(__file__).resolve().parents[1]
 
 # every registered method with its defaults, plus the variants that change how it streams
-VARIANTS: list[tuple[str, dict[str, Any]]] = [(name, {}) for name in sorted(MERGE_METHODS)] + [
+# data-based methods (regmean, fisher) take statistics gathered by the MergeCallback on images
+DATA_FREE = [n for n in MERGE_METHODS.names() if not statistics_of(n)]
+VARIANTS: list[tuple[str, dict[str, Any]]] = [(name, {}) for name in DATA_FREE] + [
     ("task_arithmetic", {"scaling": 0.3, "bn_stats": "pretrained"}),
     ("ties", {"density": 0.5, "trim_scope": "tensor", "merge_rule": "sum"}),
     ("dare", {"drop_rate": 0.5, "base": "ties", "seed": 3}),

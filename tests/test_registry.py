@@ -15,7 +15,7 @@ def test_register_get_list_and_case_insensitive_lookup():
 
     assert registry.names() == ["alpha", "beta"]
     assert registry.get("ALPHA") is alpha
-    assert registry.get(" beta ") == 2
+    assert registry.get(" beta ") == 2 and registry["Beta"] == 2
     assert "Beta" in registry and "gamma" not in registry and 3 not in registry
     assert list(registry) == ["alpha", "beta"] and len(registry) == 2
     assert registry.items() == [("alpha", alpha), ("beta", 2)]

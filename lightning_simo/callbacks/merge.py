@@ -39,7 +39,7 @@ from lightning_simo.merging.search import (
     search_scaling,
 )
 from lightning_simo.merging.sources import Sources, load_sources
-from lightning_simo.merging.statistics import STATISTICS, gather_statistics
+from lightning_simo.merging.statistics import gather_statistics, statistics_of
 
 __all__ = ["DEFAULT_ALPHA_GRID", "MergeCallback"]
 
@@ -192,7 +192,7 @@ class MergeCallback(L.Callback):
         spec = MERGE_METHODS.get(self.method)
         options = spec.normalise(self.method_options)
         scaled = "scaling" in options
-        wanted = [name for name in STATISTICS if name in spec.options]
+        wanted = statistics_of(self.method)
         statistics = (
             self._statistics(trainer, pl_module, sources, wanted, options) if wanted else {}
         )

@@ -24,7 +24,13 @@ from torch import Tensor, nn
 
 from lightning_simo.merging.data_based import FISHER_STATISTIC, REGMEAN_STATISTIC
 
-__all__ = ["STATISTICS", "diagonal_fisher", "gather_statistics", "input_grams"]
+__all__ = [
+    "STATISTICS",
+    "diagonal_fisher",
+    "gather_statistics",
+    "input_grams",
+    "statistics_of",
+]
 
 Batches = Iterable[Mapping[str, Tensor]]
 
@@ -133,6 +139,13 @@ Gather = Callable[[nn.Module, Mapping[str, Any], str, Batches, int, Any], dict[s
 STATISTICS: dict[str, Gather] = {REGMEAN_STATISTIC: _gather_grams, FISHER_STATISTIC: _gather_fisher}
 """Option name -> ``gather(net, tasks, task, batches, samples, device)``; ``net`` holds the task's
 fine-tuned encoder and head when called."""
+
+
+def statistics_of(method: str) -> list[str]:
+    """The statistics a merge method needs from data (empty for a data-free method)."""
+    from lightning_simo.merging.methods import MERGE_METHODS
+
+    return [name for name in STATISTICS if name in MERGE_METHODS.get(method).options]
 
 
 def gather_statistics(
