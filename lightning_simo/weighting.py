@@ -26,6 +26,8 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import Tensor, nn
 
+from lightning_simo.tasks import LOSS_FAMILIES
+
 __all__ = [
     "DWA",
     "TASK_TYPES",
@@ -40,7 +42,7 @@ __all__ = [
 ]
 
 #: The task types a weighting distinguishes (only :class:`UncertaintyWeighting` uses them).
-TASK_TYPES = ("classification", "regression")
+TASK_TYPES = LOSS_FAMILIES
 
 #: An all-reduce-mean over data-parallel ranks, e.g. ``lambda t: strategy.reduce(t, "mean")``.
 ReduceFn = Callable[[Tensor], Tensor]

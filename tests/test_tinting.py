@@ -38,10 +38,14 @@ from lightning_simo.modules.tinting import (
     teacher_targets,
     tint_loss,
 )
+from lightning_simo.tasks import build_task
 
 ROOT = Path(__file__).resolve().parents[1]
 TASKS = ("segmentation", "depth", "normals")
 HEAD = {"kind": "linear", "upsample": 4}
+SPEC = {
+    name: build_task(name, num_classes=2) for name in ("segmentation", "depth", "normals", "edges")
+}
 DATA = {"num_train": 16, "num_val": 8, "num_test": 8, "height": 32, "width": 40, "batch_size": 8}
 
 
@@ -228,7 +232,9 @@ def test_segmentation_loss_is_cross_entropy_over_kept_pixels() -> None:
     teacher = _logits((4.0, 0.0), (1.0, 0.0))
     student = _logits((0.0, 1.0), (0.0, 4.0))  # pixel 0 kept (teacher surer), pixel 1 dropped
     student.requires_grad_(True)
-    loss, kept = tint_loss("segmentation", student, teacher_targets("segmentation", teacher))
+    loss, kept = tint_loss(
+        SPEC["segmentation"], student, teacher_targets(SPEC["segmentation"], teacher)
+    )
     expected = math.log(1 + math.e)  # -log softmax((0, 1))[0]
     assert loss.item() == pytest.approx(expected, rel=1e-6)
     assert kept.item() == pytest.approx(0.5)
@@ -242,7 +248,9 @@ def test_segmentation_loss_is_zero_not_nan_when_nothing_is_kept() -> None:
     student.requires_grad_(True)
     _, keep = confidence_filter(student, teacher)
     assert not keep.any()
-    loss, kept = tint_loss("segmentation", student, teacher_targets("segmentation", teacher))
+    loss, kept = tint_loss(
+        SPEC["segmentation"], student, teacher_targets(SPEC["segmentation"], teacher)
+    )
     assert loss.item() == 0.0 and not torch.isnan(loss)
     assert kept.item() == 0.0
     loss.backward()
@@ -252,19 +260,19 @@ def test_segmentation_loss_is_zero_not_nan_when_nothing_is_kept() -> None:
 def test_regression_losses_against_teacher_outputs() -> None:
     student = torch.tensor([[[[1.0, 2.0]]]])
     teacher = torch.tensor([[[[1.5, 4.0]]]])
-    loss, kept = tint_loss("depth", student, teacher_targets("depth", teacher))
+    loss, kept = tint_loss(SPEC["depth"], student, teacher_targets(SPEC["depth"], teacher))
     assert loss.item() == pytest.approx(1.25) and kept is None
     # normals: 1 - cos against the normalised teacher (its length does not matter)
     s = torch.tensor([1.0, 0.0, 0.0]).view(1, 3, 1, 1)
     t = torch.tensor([0.0, 5.0, 5.0]).view(1, 3, 1, 1)
-    loss, _ = tint_loss("normals", s, teacher_targets("normals", t))
+    loss, _ = tint_loss(SPEC["normals"], s, teacher_targets(SPEC["normals"], t))
     assert loss.item() == pytest.approx(1.0)
-    loss, _ = tint_loss("normals", s * 3, teacher_targets("normals", s))
+    loss, _ = tint_loss(SPEC["normals"], s * 3, teacher_targets(SPEC["normals"], s))
     assert loss.item() == pytest.approx(0.0, abs=1e-6)
     # edges: BCE to the teacher's sigmoid, smallest where the student equals the teacher
     logits = torch.tensor([0.0, 2.0]).view(1, 1, 1, 2)
-    at_teacher, _ = tint_loss("edges", logits, teacher_targets("edges", logits))
-    off_teacher, _ = tint_loss("edges", logits + 1, teacher_targets("edges", logits))
+    at_teacher, _ = tint_loss(SPEC["edges"], logits, teacher_targets(SPEC["edges"], logits))
+    off_teacher, _ = tint_loss(SPEC["edges"], logits + 1, teacher_targets(SPEC["edges"], logits))
     p = torch.sigmoid(logits)
     entropy = -(p * p.log() + (1 - p) * (1 - p).log()).mean()
     assert at_teacher.item() == pytest.approx(entropy.item(), rel=1e-5)

@@ -46,7 +46,7 @@ from lightning_simo.data._files import (
     to_labels,
 )
 from lightning_simo.data.base import DenseDataModule
-from lightning_simo.data.transforms import DENSE_KEYS, build_transform
+from lightning_simo.data.transforms import build_transform
 
 __all__ = [
     "DEFAULT_TASKS",
@@ -84,7 +84,6 @@ TASK_FOLDERS: dict[str, tuple[str, ...]] = {
     "edge_texture": ("edge_texture",),
     "segmentation": ("segment_semantic",),
 }
-_SCALAR_TASKS = ("keypoints2d", "edge_texture")
 DEFAULT_TASKS = ("autoencoder", "depth", "normals", "keypoints2d", "edge_texture")
 """The SIMO paper's five Taskonomy tasks (the authors' code swaps autoencoder for segmentation)."""
 
@@ -243,9 +242,6 @@ class TaskonomyDataset(Dataset):
                 sample[task] = to_labels(labels, NUM_CLASSES, paths[folder])
         check_same_size(sample, named)
         out = finish_sample(sample, self.transform, index, self.tasks)
-        for task in _SCALAR_TASKS:
-            if task in out and out[task].dim() == 2:
-                out[task] = out[task][None]  # C x H x W, as the registry expects
         if "autoencoder" in self.tasks:
             out["autoencoder"] = out["image"] * 2.0 - 1.0
         return out
@@ -324,14 +320,6 @@ class TaskonomyDataModule(DenseDataModule):
         self.split_seed = split_seed
 
     def make_dataset(self, split: str, train: bool) -> TaskonomyDataset:
-        augments = self.crop is not None or self.scales != (1.0,) or self.hflip
-        unmoved = [t for t in self.tasks if t in _SCALAR_TASKS and t not in DENSE_KEYS]
-        if train and augments and unmoved:
-            raise ValueError(
-                f"Taskonomy: the augmentation pipeline does not move {unmoved} with the image, "
-                "so crop / scales / hflip would misalign them; train without augmentation "
-                "(crop=None, scales=[1.0], hflip=False) or drop these tasks."
-            )
         if train:
             transform = build_transform(True, crop=self.crop, scales=self.scales, hflip=self.hflip)
         else:
