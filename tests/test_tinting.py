@@ -11,8 +11,6 @@ import json
 import math
 import os
 import sys
-from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from unittest import mock
@@ -20,7 +18,16 @@ from unittest import mock
 import lightning as L
 import pytest
 import torch
-from conftest import TINY_VIT
+from conftest import (
+    TINY_HEAD,
+    TINY_SCENES,
+    TINY_VIT,
+    SingleTasks,
+    cpu_trainer,
+    make_single_tasks,
+    tiny_datamodule,
+    tiny_module,
+)
 from torch import Tensor
 from torch.utils.data import Dataset
 
@@ -28,7 +35,6 @@ from lightning_simo.callbacks.merge import MergeCallback
 from lightning_simo.checkpoints import encoder_state_dict, load_state_dict
 from lightning_simo.cli import main
 from lightning_simo.data.synthetic import SyntheticDataModule
-from lightning_simo.evaluation import evaluate_net
 from lightning_simo.modules.simo import SIMOModule
 from lightning_simo.modules.tinting import (
     TeacherCache,
@@ -42,89 +48,22 @@ from lightning_simo.tasks import build_task
 
 ROOT = Path(__file__).resolve().parents[1]
 TASKS = ("segmentation", "depth", "normals")
-HEAD = {"kind": "linear", "upsample": 4}
+HEAD = TINY_HEAD
 SPEC = {
     name: build_task(name, num_classes=2) for name in ("segmentation", "depth", "normals", "edges")
 }
-DATA = {"num_train": 16, "num_val": 8, "num_test": 8, "height": 32, "width": 40, "batch_size": 8}
+DATA = TINY_SCENES
 
 
 # ----------------------------------------------------------------------------- fixtures
-@dataclass
-class SingleTasks:
-    """θ0 and the fine-tuned single-task checkpoints (paths), plus their test metrics."""
-
-    theta0: Path
-    checkpoints: dict[str, str]
-    references: list[str]
+@pytest.fixture(scope="module")
+def single(single_tasks: SingleTasks) -> SingleTasks:
+    """The session's θ0 and 20-step single-task models (tests/conftest.py)."""
+    return single_tasks
 
 
 def _datamodule(**overrides: Any) -> SyntheticDataModule:
-    options = {**DATA, "tasks": list(TASKS), "augment": False, "train_split": "val", **overrides}
-    return SyntheticDataModule(**options)
-
-
-def _fine_tune(
-    task: str, theta0: Mapping[str, Tensor], dm: SyntheticDataModule, steps: int
-) -> SIMOModule:
-    module = SIMOModule(tasks=[task], num_classes=dm.num_classes, encoder=TINY_VIT, head=HEAD)
-    module.net.encoder.load_state_dict(theta0)
-    optimizer = torch.optim.Adam(module.parameters(), lr=2e-3)
-    module.train()
-    done = 0
-    while done < steps:
-        for batch in dm.train_dataloader():
-            _, losses = module.task_losses(batch)
-            optimizer.zero_grad()
-            losses[task].backward()
-            optimizer.step()
-            done += 1
-            if done == steps:
-                break
-    return module.eval()
-
-
-def make_single_tasks(root: Path, dm: SyntheticDataModule, steps: int) -> SingleTasks:
-    """θ0 (a random tiny ViT), and one model per task fine-tuned from it for ``steps`` steps."""
-    torch.manual_seed(0)
-    dm.setup("fit")
-    theta0 = SIMOModule(
-        tasks=list(TASKS), num_classes=dm.num_classes, encoder=TINY_VIT, head=HEAD
-    ).net.encoder.state_dict()
-    theta0_path = root / "theta0.pt"
-    torch.save({"state_dict": {f"net.encoder.{k}": v for k, v in theta0.items()}}, theta0_path)
-    checkpoints, references = {}, []
-    test_loader = dm.loader("test")
-    for task in TASKS:
-        module = _fine_tune(task, theta0, dm, steps)
-        path = root / f"{task}.pt"
-        torch.save({"state_dict": module.state_dict()}, path)
-        checkpoints[task] = str(path)
-        metrics = evaluate_net(module.net, test_loader, module.task_specs)
-        ref = root / f"{task}_test_metrics.json"
-        ref.write_text(json.dumps({"metrics": metrics}))
-        references.append(str(ref))
-    return SingleTasks(theta0_path, checkpoints, references)
-
-
-@pytest.fixture(scope="module")
-def single(tmp_path_factory: pytest.TempPathFactory) -> SingleTasks:
-    dm = _datamodule(train_split="train")
-    return make_single_tasks(tmp_path_factory.mktemp("single"), dm, steps=20)
-
-
-def _trainer(**kwargs: Any) -> L.Trainer:
-    options: dict[str, Any] = {
-        "accelerator": "cpu",
-        "devices": 1,
-        "logger": False,
-        "enable_checkpointing": False,
-        "enable_progress_bar": False,
-        "enable_model_summary": False,
-        "num_sanity_val_steps": 0,
-    }
-    options.update(kwargs)
-    return L.Trainer(**options)
+    return tiny_datamodule(TASKS, **{"augment": False, "train_split": "val", **overrides})
 
 
 def _callback(single: SingleTasks, realign: str = "tinting") -> MergeCallback:
@@ -134,15 +73,13 @@ def _callback(single: SingleTasks, realign: str = "tinting") -> MergeCallback:
 
 
 def _module(**kwargs: Any) -> TintingModule:
-    return TintingModule(
-        tasks=list(TASKS), num_classes={"segmentation": 8}, encoder=TINY_VIT, head=HEAD, **kwargs
-    )
+    return tiny_module(TASKS, TintingModule, **kwargs)
 
 
 def _set_up(single: SingleTasks, realign: str = "tinting", **kwargs: Any) -> TintingModule:
     """A module merged and configured by the MergeCallback, without training."""
     module = _module(**kwargs)
-    _callback(single, realign).setup(_trainer(), module, "fit")
+    _callback(single, realign).setup(cpu_trainer(), module, "fit")
     return module
 
 
@@ -177,7 +114,7 @@ def _fit(
 ) -> tuple[TintingModule, L.Trainer]:
     L.seed_everything(0)
     module = _module(**kwargs)
-    trainer = _trainer(max_epochs=epochs, callbacks=[_callback(single)], limit_val_batches=0)
+    trainer = cpu_trainer(max_epochs=epochs, callbacks=[_callback(single)], limit_val_batches=0)
     trainer.fit(module, dm)
     return module, trainer
 
@@ -333,7 +270,7 @@ def test_tinting_needs_the_tinting_module(single: SingleTasks) -> None:
         ValueError,
         match="realign: tinting needs model class lightning_simo.modules.tinting.TintingModule",
     ):
-        _callback(single, "tinting").setup(_trainer(), module, "fit")
+        _callback(single, "tinting").setup(cpu_trainer(), module, "fit")
 
 
 def test_unknown_tint_layer_is_refused(single: SingleTasks) -> None:
