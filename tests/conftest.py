@@ -23,7 +23,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no test may touch the network
 from lightning_simo.data.synthetic import SyntheticDataModule  # noqa: E402
 from lightning_simo.evaluation import evaluate_net  # noqa: E402
 from lightning_simo.modules.simo import SIMOModule  # noqa: E402
-from lightning_simo.testing import quiet_trainer, tiny_vit  # noqa: E402
+from lightning_simo.testing import QUIET_TRAINER, TINY_VIT, quiet_trainer, tiny_vit  # noqa: E402, F401
 
 TINY_HEAD = {"kind": "linear", "upsample": 4}
 TINY_SCENES = {
@@ -75,6 +75,34 @@ def cpu_trainer(root: Path | str | None = None, **overrides: Any) -> L.Trainer:
     if root is not None:
         options["default_root_dir"] = root
     return quiet_trainer(**{**options, **overrides})
+
+
+CLI_SCENES = {**TINY_SCENES, "num_train": 8, "num_val": 4, "num_test": 4, "batch_size": 4}
+"""Synthetic data settings of the tiny command-line configs."""
+
+
+def cli_overrides(
+    root: Path, trainer: dict[str, Any] | None = None, data: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """A config layered over the repo's synthetic configs: tiny model and data, and a trainer
+    writing to ``root`` with the quiet settings (checkpointing stays the config's)."""
+    quiet = {k: v for k, v in QUIET_TRAINER.items() if k != "enable_checkpointing"}
+    return {
+        "trainer": {"default_root_dir": str(root), **quiet, **(trainer or {})},
+        "model": {"init_args": {"encoder": tiny_encoder()}},
+        "data": {"init_args": {**CLI_SCENES, **(data or {})}},
+    }
+
+
+class LossRecorder(L.Callback):
+    """The training loss of every step, detached."""
+
+    def __init__(self) -> None:
+        self.losses: list[torch.Tensor] = []
+
+    def on_train_batch_end(self, trainer: Any, module: Any, outputs: Any, *_: Any) -> None:
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        self.losses.append(loss.detach())
 
 
 @dataclass

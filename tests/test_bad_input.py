@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import TINY_VIT
+from conftest import cli_overrides, tiny_encoder
 
 from lightning_simo.cli import main
 from lightning_simo.data.synthetic import NUM_CLASSES, write_nyuv2_layout
@@ -37,42 +37,13 @@ ERROR_PREFIX = "lightning_simo: error:"
 
 
 # ----------------------------------------------------------------------------- helpers
-def tiny_encoder(**kwargs: object) -> dict:
-    encoder = {**TINY_VIT, "model_kwargs": dict(TINY_VIT["model_kwargs"]), "checkpoint": None}
-    encoder["model_kwargs"].update(kwargs)
-    return encoder
-
-
 def tiny_overrides(root: Path) -> dict:
     """A config layered over the repo's synthetic configs: tiny model, data and trainer."""
-    return {
-        "trainer": {
-            "max_epochs": 1,
-            "max_steps": 2,
-            "default_root_dir": str(root),
-            "logger": False,
-            "enable_progress_bar": False,
-            "enable_model_summary": False,
-            "num_sanity_val_steps": 0,
-            "callbacks": [
-                {
-                    "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-                    "init_args": {"dirpath": "{root}/checkpoints", "save_last": True},
-                }
-            ],
-        },
-        "model": {"init_args": {"encoder": tiny_encoder()}},
-        "data": {
-            "init_args": {
-                "num_train": 8,
-                "num_val": 4,
-                "num_test": 4,
-                "height": 32,
-                "width": 40,
-                "batch_size": 4,
-            }
-        },
+    checkpoint = {
+        "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+        "init_args": {"dirpath": "{root}/checkpoints", "save_last": True},
     }
+    return cli_overrides(root, {"max_epochs": 1, "max_steps": 2, "callbacks": [checkpoint]})
 
 
 def write_yaml(path: Path, content: dict) -> Path:

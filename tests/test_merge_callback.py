@@ -16,7 +16,7 @@ from typing import Any
 import lightning as L
 import pytest
 import torch
-from conftest import TINY_VIT, SingleTasks, cpu_trainer, tiny_datamodule, tiny_module
+from conftest import TINY_VIT, LossRecorder, SingleTasks, cpu_trainer, tiny_datamodule, tiny_module
 from lightning.pytorch.loggers import Logger
 from torch import Tensor
 
@@ -230,31 +230,16 @@ def test_only_the_chosen_mode_requires_grad(
 
 
 # ---------------------------------------------------------------------------- feature cache
-class _LossRecorder(L.Callback):
-    def __init__(self) -> None:
-        self.losses: list[float] = []
-
-    def on_train_batch_end(
-        self,
-        trainer: L.Trainer,
-        pl_module: L.LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
-    ) -> None:
-        self.losses.append(float(outputs["loss"]))
-
-
 def _head_realignment(sources: Sources, root: Path, cache: bool) -> tuple[list[float], SIMOModule]:
     L.seed_everything(0)
     module = _module(sources.encoder, head_lr=1e-2)
-    recorder = _LossRecorder()
+    recorder = LossRecorder()
     callback = MergeCallback(
         checkpoints=sources.paths, scaling=0.5, realign="heads", cache_features=cache
     )
     trainer = _trainer(root, max_epochs=2, limit_val_batches=0, callbacks=[callback, recorder])
     trainer.fit(module, datamodule=_datamodule())
-    return recorder.losses, module
+    return [float(loss) for loss in recorder.losses], module
 
 
 def test_cached_features_train_the_heads_like_the_encoder(sources: Sources, tmp_path: Path) -> None:

@@ -9,14 +9,13 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import albumentations as A
 import lightning as L
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_VIT
+from conftest import TINY_VIT, cpu_trainer
 from torch import Tensor
 from torch.utils.data import Dataset
 
@@ -106,19 +105,6 @@ class _FlowDataModule(DenseDataModule):
         return _FlowScenes(8, train)
 
 
-def _trainer(**kwargs: Any) -> L.Trainer:
-    return L.Trainer(
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        **kwargs,
-    )
-
-
 def test_registered_geometry_drives_every_transform(flow_task: None) -> None:
     assert "flow" in dense_keys()
     rng = np.random.default_rng(1)
@@ -140,7 +126,7 @@ def test_registered_task_trains_and_tints(flow_task: None, tmp_path: Path) -> No
     single = SIMOModule(tasks=["flow"], encoder=TINY_VIT, head=HEAD, lr=2e-3)
     theta0 = {k: v.clone() for k, v in single.net.encoder.state_dict().items()}
     assert single.net(torch.rand(1, 3, H, W))["flow"].shape == (1, 2, H, W)
-    _trainer(max_steps=4, limit_val_batches=1).fit(single, dm)
+    cpu_trainer(max_steps=4, limit_val_batches=1).fit(single, dm)
     tuned = single.net.encoder.state_dict()
     assert any(not torch.equal(tuned[k], theta0[k]) for k in theta0)
     assert torch.isfinite(single.task_losses(next(iter(dm.loader("val"))))[1]["flow"])
@@ -165,7 +151,7 @@ def test_registered_task_trains_and_tints(flow_task: None, tmp_path: Path) -> No
     tinted = TintingModule(
         tasks=["flow"], encoder=TINY_VIT, head=HEAD, lr_coefficients=0.05, cache_teachers=False
     )
-    trainer = _trainer(max_steps=3, callbacks=[merge], limit_val_batches=0)
+    trainer = cpu_trainer(max_steps=3, callbacks=[merge], limit_val_batches=0)
     trainer.fit(tinted, dm)
     assert torch.isfinite(trainer.callback_metrics["train/flow/tint_loss"])
     assert not tinted.layer_merge.coefficients.eq(0.3).all()  # the coefficients moved

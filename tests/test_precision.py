@@ -17,7 +17,7 @@ from typing import Any
 import lightning as L
 import pytest
 import torch
-from conftest import cpu_trainer, tiny_datamodule, tiny_module
+from conftest import LossRecorder, cpu_trainer, tiny_datamodule, tiny_module
 from torch import Tensor, nn
 
 from lightning_simo.callbacks.merge import MergeCallback
@@ -34,28 +34,17 @@ def _datamodule(tasks: tuple[str, ...]) -> SyntheticDataModule:
     return tiny_datamodule(tasks, num_train=8, num_val=4, num_test=4, batch_size=4, augment=False)
 
 
-class _Recorder(L.Callback):
+class _Recorder(LossRecorder):
     """Training losses of every step, and the dtype of what one watched module returns."""
 
     def __init__(self, watched: nn.Module) -> None:
-        self.losses: list[Tensor] = []
+        super().__init__()
         self.output_dtypes: set[torch.dtype] = set()
         watched.register_forward_hook(self._hook)
 
     def _hook(self, module: nn.Module, inputs: Any, output: Tensor) -> None:
         if module.training:
             self.output_dtypes.add(output.dtype)
-
-    def on_train_batch_end(
-        self,
-        trainer: L.Trainer,
-        pl_module: L.LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
-    ) -> None:
-        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
-        self.losses.append(loss.detach())
 
 
 def _fit_bf16(

@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import SingleTasks, tiny_encoder
+from conftest import SingleTasks, cli_overrides
 
 pytestmark = pytest.mark.slow
 
@@ -41,43 +41,25 @@ HOLD_EPOCH = 2
 def tiny_config(
     root: Path, tasks: list[str], model: dict | None = None, extra: dict | None = None
 ) -> dict:
+    callbacks = [
+        {
+            "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+            # every argument the repo configs set, so that nothing of theirs is kept
+            "init_args": {
+                "dirpath": "{root}/checkpoints",
+                "filename": None,
+                "monitor": None,
+                "save_top_k": -1,
+                "save_last": True,
+            },
+        },
+        {"class_path": "lightning_simo.callbacks.rng.RNGStateCheckpoint"},
+    ]
     config = {
         "seed_everything": 0,
-        "trainer": {
-            "max_epochs": EPOCHS,
-            "default_root_dir": str(root),
-            "logger": False,
-            "enable_progress_bar": False,
-            "enable_model_summary": False,
-            "num_sanity_val_steps": 0,
-            "callbacks": [
-                {
-                    "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-                    # every argument the repo configs set, so that nothing of theirs is kept
-                    "init_args": {
-                        "dirpath": "{root}/checkpoints",
-                        "filename": None,
-                        "monitor": None,
-                        "save_top_k": -1,
-                        "save_last": True,
-                    },
-                },
-                {"class_path": "lightning_simo.callbacks.rng.RNGStateCheckpoint"},
-            ],
-        },
-        "model": {"init_args": {"encoder": tiny_encoder(), **(model or {})}},
-        "data": {
-            "init_args": {
-                "tasks": tasks,
-                "num_train": 8,
-                "num_val": 4,
-                "num_test": 4,
-                "height": 32,
-                "width": 40,
-                "batch_size": 4,
-            }
-        },
+        **cli_overrides(root, {"max_epochs": EPOCHS, "callbacks": callbacks}, {"tasks": tasks}),
     }
+    config["model"]["init_args"].update(model or {})
     config.update(extra or {})
     return config
 
