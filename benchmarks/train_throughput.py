@@ -45,6 +45,7 @@ from lightning_simo.models.heads import HeadConfig
 from lightning_simo.models.simo import SIMONet
 from lightning_simo.modules.simo import SIMOModule
 from lightning_simo.tasks import IGNORE_INDEX, build_tasks
+from lightning_simo.testing import quiet_trainer, tiny_vit
 
 __all__ = ["SIZES", "Setup", "make_batch", "plain_throughput", "suite_throughput"]
 
@@ -78,17 +79,7 @@ SIZES: dict[str, Setup] = {
         warmup=10,
     ),
     "tiny": Setup(
-        encoder={
-            "name": "vit_small_patch16_224",
-            "indices": [0, 1, 2, 3],
-            "model_kwargs": {
-                "patch_size": 8,
-                "embed_dim": 32,
-                "depth": 4,
-                "num_heads": 2,
-                "img_size": [32, 40],
-            },
-        },
+        encoder=tiny_vit(),
         head={"kind": "linear", "upsample": 4},
         height=32,
         width=40,
@@ -248,18 +239,13 @@ def suite_throughput(
     timer = _Timer(warmup, total - 1, device)
     accelerator = "cpu" if device.type == "cpu" else "gpu"
     devices: Any = 1 if device.type == "cpu" else [device.index or 0]
-    trainer = L.Trainer(
+    trainer = quiet_trainer(
         accelerator=accelerator,
         devices=devices,
         precision=PRECISIONS[precision],
         max_steps=total,
         max_epochs=1,
         limit_val_batches=0,
-        num_sanity_val_steps=0,
-        enable_progress_bar=False,
-        logger=False,
-        enable_checkpointing=False,
-        enable_model_summary=False,
         callbacks=[timer],
     )
     trainer.fit(module, train_dataloaders=_RepeatedBatch(batch, total))

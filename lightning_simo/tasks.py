@@ -11,6 +11,12 @@ Conventions for targets (shared by every dataset):
 - edges: ``float32`` ``1 x H x W`` in {0, 1} (binary boundary map), no invalid pixels;
 - other regression tasks (autoencoder, keypoints, edge texture): ``float32`` ``C x H x W``;
   every pixel is valid.
+
+A :class:`Task` also carries what the rest of the suite used to re-derive from its kind: how a
+teacher's output becomes a pseudo-target and the distillation loss to it (Model Tinting), whether
+its output must be positive (heads), how geometric augmentation acts on its target
+(:class:`TargetGeometry`, declared when the task is registered so transforms can read it by name)
+and its loss family (loss weightings). No module outside this one compares task names or kinds.
 """
 
 from __future__ import annotations
@@ -23,29 +29,72 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from lightning_simo import metrics as M
+from lightning_simo.registry import Registry
 
 __all__ = [
+    "DEPTH",
     "IGNORE_INDEX",
+    "INVERSE_DEPTH",
+    "LABEL",
+    "LOSS_FAMILIES",
+    "NORMAL",
     "NORMAL_LOSSES",
+    "SCALAR",
+    "TargetGeometry",
     "Task",
+    "argmax_target",
     "available_tasks",
     "build_task",
     "build_tasks",
+    "keep_mask",
+    "masked_mean",
     "register_task",
+    "task_geometry",
+    "unregister_task",
 ]
 
 IGNORE_INDEX = -1
 NORMAL_LOSSES = ("cosine", "l1")
+LOSS_FAMILIES = ("classification", "regression")
+"""How a loss weighting treats a task (uncertainty weighting scales the two differently)."""
+
+Targets = tuple[Tensor, ...]
+"""A teacher's output as a distillation target (only what the loss needs, so caches stay small)."""
+
+
+@dataclass(frozen=True)
+class TargetGeometry:
+    """How geometric augmentation acts on a task's target map.
+
+    Args:
+        label: integer class ids (``-1`` = ignore): resampled by nearest neighbour and padded
+            as ignore; otherwise a float map (``H x W`` or ``H x W x C`` in numpy samples).
+        zoom_exponent: zooming in by ``s`` looks like moving ``s`` times closer, so values are
+            multiplied by ``s ** zoom_exponent`` (depth ``-1``, inverse depth / disparity ``+1``).
+        mirror_x: a horizontal flip negates channel 0 (camera-frame vectors such as normals).
+    """
+
+    label: bool = False
+    zoom_exponent: int = 0
+    mirror_x: bool = False
+
+
+LABEL = TargetGeometry(label=True)
+SCALAR = TargetGeometry()
+DEPTH = TargetGeometry(zoom_exponent=-1)
+INVERSE_DEPTH = TargetGeometry(zoom_exponent=1)
+NORMAL = TargetGeometry(mirror_x=True)
 
 
 def _segmentation_loss(pred: Tensor, target: Tensor) -> Tensor:
     return F.cross_entropy(pred.float(), target.long(), ignore_index=IGNORE_INDEX)
 
 
-def _masked_mean(values: Tensor, mask: Tensor) -> Tensor:
-    """Mean over valid entries that is 0 (with a gradient) when nothing is valid, never NaN."""
-    mask = mask.to(values.dtype)
-    return (values * mask).sum() / mask.sum().clamp_min(1.0)
+def masked_mean(values: Tensor, mask: Tensor) -> Tensor:
+    """Mean over valid entries that is 0 (with a gradient) when nothing is valid, never NaN, and
+    non-finite values at invalid entries cannot leak into the result."""
+    kept = torch.where(mask, values, torch.zeros_like(values))
+    return kept.sum() / mask.sum().clamp_min(1)
 
 
 def _depth_valid(target: Tensor) -> Tensor:
@@ -57,7 +106,7 @@ def _normals_valid(target: Tensor) -> Tensor:
 
 
 def _depth_loss(pred: Tensor, target: Tensor) -> Tensor:
-    return _masked_mean((pred.float() - target.float()).abs(), _depth_valid(target))
+    return masked_mean((pred.float() - target.float()).abs(), _depth_valid(target))
 
 
 def _regression_loss(pred: Tensor, target: Tensor) -> Tensor:
@@ -67,17 +116,68 @@ def _regression_loss(pred: Tensor, target: Tensor) -> Tensor:
 def _normals_cosine_loss(pred: Tensor, target: Tensor) -> Tensor:
     pred = F.normalize(pred.float(), dim=1)
     cos = (pred * target.float()).sum(dim=1, keepdim=True)
-    return _masked_mean(1.0 - cos, _normals_valid(target))
+    return masked_mean(1.0 - cos, _normals_valid(target))
 
 
 def _normals_l1_loss(pred: Tensor, target: Tensor) -> Tensor:
     pred = F.normalize(pred.float(), dim=1)
     per_pixel = (pred - target.float()).abs().sum(dim=1, keepdim=True)
-    return _masked_mean(per_pixel, _normals_valid(target))
+    return masked_mean(per_pixel, _normals_valid(target))
 
 
 def _edges_loss(pred: Tensor, target: Tensor) -> Tensor:
     return F.binary_cross_entropy_with_logits(pred.float(), target.float())
+
+
+# ----------------------------------------------------------------------------- distillation
+def _raw_target(output: Tensor) -> Targets:
+    return (output,)
+
+
+def _unit_target(output: Tensor) -> Targets:
+    return (F.normalize(output, dim=1),)
+
+
+def _sigmoid_target(output: Tensor) -> Targets:
+    return (torch.sigmoid(output),)
+
+
+def argmax_target(output: Tensor) -> Targets:
+    """Argmax (``int16``) and its probability: the confidence filter needs nothing else."""
+    confidence, labels = output.softmax(dim=1).max(dim=1)
+    return labels.to(torch.int16), confidence
+
+
+def _l1_distill(student: Tensor, targets: Targets) -> tuple[Tensor, Tensor | None]:
+    (target,) = targets
+    return (student - target).abs().mean(), None
+
+
+def _cosine_distill(student: Tensor, targets: Targets) -> tuple[Tensor, Tensor | None]:
+    (target,) = targets
+    cosine = (F.normalize(student, dim=1) * target).sum(dim=1)
+    return (1.0 - cosine).mean(), None
+
+
+def _bce_distill(student: Tensor, targets: Targets) -> tuple[Tensor, Tensor | None]:
+    (target,) = targets
+    return F.binary_cross_entropy_with_logits(student, target), None
+
+
+@torch.no_grad()
+def keep_mask(student_logits: Tensor, labels: Tensor, teacher_confidence: Tensor) -> Tensor:
+    """Pixels whose pseudo-label is trusted: the two models agree, or the teacher is at least as
+    confident as the merged model (no fixed threshold)."""
+    confidence, prediction = student_logits.detach().float().softmax(dim=1).max(dim=1)
+    agree = prediction == labels.long()
+    return agree | (teacher_confidence >= confidence)
+
+
+def _filtered_ce_distill(student: Tensor, targets: Targets) -> tuple[Tensor, Tensor | None]:
+    labels, confidence = targets
+    keep = keep_mask(student, labels, confidence)
+    per_pixel = F.cross_entropy(student, labels.long(), reduction="none")
+    return masked_mean(per_pixel, keep), keep.float().mean()
 
 
 # ----------------------------------------------------------------------------- visualisers
@@ -171,6 +271,19 @@ class Task:
     visualize_fn: Callable[[Tensor], Tensor] = field(repr=False)
     num_classes: int | None = None
     options: dict[str, str] = field(default_factory=dict)
+    pseudo_target_fn: Callable[[Tensor], Targets] = field(default=_raw_target, repr=False)
+    distill_loss_fn: Callable[[Tensor, Targets], tuple[Tensor, Tensor | None]] = field(
+        default=_l1_distill, repr=False
+    )
+    positive: bool = False
+    loss_family: str = "regression"
+
+    def __post_init__(self) -> None:
+        if self.loss_family not in LOSS_FAMILIES:
+            raise ValueError(
+                f"Task {self.name!r}: loss_family must be one of {LOSS_FAMILIES}, "
+                f"got {self.loss_family!r}."
+            )
 
     def loss(self, pred: Tensor, target: Tensor) -> Tensor:
         """Task loss in fp32 (mixed precision must not degrade regression losses)."""
@@ -183,44 +296,79 @@ class Task:
         """A ``3 x H x W`` float image in [0, 1] of one prediction or target (no batch dim)."""
         return self.visualize_fn(x.detach().float().cpu() if x.is_floating_point() else x.cpu())
 
+    def pseudo_target(self, output: Tensor) -> Targets:
+        """A teacher's raw output as this task's distillation target (detached, fp32)."""
+        return self.pseudo_target_fn(output.detach().float())
+
+    def distill_loss(self, student: Tensor, targets: Targets) -> tuple[Tensor, Tensor | None]:
+        """The student's output against :meth:`pseudo_target`; the second value is the fraction
+        of pixels a filter kept (``None`` when every pixel trains)."""
+        return self.distill_loss_fn(student.float(), targets)
+
+    @property
+    def geometry(self) -> TargetGeometry:
+        """How augmentation acts on this task's target (declared at registration)."""
+        return task_geometry(self.name)
+
     @property
     def higher_is_better(self) -> bool:
         return self.metrics[self.primary]
 
     @property
     def is_classification(self) -> bool:
-        return self.kind in ("segmentation", "edges")
+        return self.loss_family == "classification"
 
 
-_REGISTRY: dict[str, Callable[..., Task]] = {}
+@dataclass(frozen=True)
+class _Entry:
+    factory: Callable[..., Task]
+    geometry: TargetGeometry
 
 
-def register_task(name: str) -> Callable[[Callable[..., Task]], Callable[..., Task]]:
-    """Register a task factory ``f(num_classes=None, normal_loss=...) -> Task`` under ``name``."""
+_TASKS: Registry[_Entry] = Registry(
+    "task", hint="fix the task name in the config, e.g. --data.tasks '[depth]'"
+)
 
-    def wrap(factory: Callable[..., Task]) -> Callable[..., Task]:
-        if name in _REGISTRY:
-            raise ValueError(f"Task {name!r} is registered twice.")
-        _REGISTRY[name] = factory
-        return factory
 
-    return wrap
+def register_task(
+    name: str,
+    factory: Callable[..., Task] | None = None,
+    *,
+    geometry: TargetGeometry = SCALAR,
+    replace: bool = False,
+) -> Callable[..., Task]:
+    """Register a task factory ``f(num_classes=None, normal_loss=...) -> Task`` under ``name``.
+
+    ``geometry`` says how augmentation acts on the task's target; it is declared here, not in the
+    factory, so transforms can read it by name without knowing the dataset's class counts. Used
+    as a decorator when ``factory`` is omitted; a second registration of a name is refused.
+    """
+
+    def add(fn: Callable[..., Task]) -> Callable[..., Task]:
+        _TASKS.register(name, _Entry(fn, geometry), replace=replace)
+        return fn
+
+    return add if factory is None else add(factory)
+
+
+def unregister_task(name: str) -> None:
+    """Remove a task (plugins and tests that register temporary tasks)."""
+    _TASKS.unregister(name)
 
 
 def available_tasks() -> list[str]:
-    return sorted(_REGISTRY)
+    return _TASKS.names()
+
+
+def task_geometry(name: str) -> TargetGeometry:
+    return _TASKS.get(name).geometry
 
 
 def build_task(name: str, num_classes: int | None = None, normal_loss: str = "cosine") -> Task:
     """Build a task by name, with the per-dataset facts it needs (class count)."""
-    if name not in _REGISTRY:
-        raise ValueError(
-            f"Unknown task {name!r}. Known tasks: {', '.join(available_tasks())}. "
-            "Fix the task name in the config (e.g. --data.tasks '[depth]')."
-        )
     if normal_loss not in NORMAL_LOSSES:
         raise ValueError(f"normal_loss must be one of {NORMAL_LOSSES}, got {normal_loss!r}.")
-    return _REGISTRY[name](num_classes=num_classes, normal_loss=normal_loss)
+    return _TASKS.get(name).factory(num_classes=num_classes, normal_loss=normal_loss)
 
 
 def build_tasks(
@@ -257,12 +405,17 @@ def _segmentation_factory(name: str, default_classes: int | None) -> Callable[..
             primary="miou",
             invalid="label -1",
             visualize_fn=lambda x: _show_segmentation(x, n),
+            pseudo_target_fn=argmax_target,
+            distill_loss_fn=_filtered_ce_distill,
+            loss_family="classification",
         )
 
     return factory
 
 
 def _depth_factory(name: str) -> Callable[..., Task]:
+    """Depth and inverse depth share everything but their geometry (given at registration)."""
+
     def factory(num_classes: int | None = None, normal_loss: str = "cosine") -> Task:
         return Task(
             name=name,
@@ -274,6 +427,7 @@ def _depth_factory(name: str) -> Callable[..., Task]:
             primary="abs_err",
             invalid="value 0",
             visualize_fn=_show_scalar,
+            positive=True,
         )
 
     return factory
@@ -296,7 +450,7 @@ def _regression_factory(name: str, channels: int) -> Callable[..., Task]:
     return factory
 
 
-@register_task("normals")
+@register_task("normals", geometry=NORMAL)
 def _normals(num_classes: int | None = None, normal_loss: str = "cosine") -> Task:
     return Task(
         name="normals",
@@ -315,6 +469,8 @@ def _normals(num_classes: int | None = None, normal_loss: str = "cosine") -> Tas
         invalid="all-zero vector",
         visualize_fn=_show_normals,
         options={"normal_loss": normal_loss},
+        pseudo_target_fn=_unit_target,
+        distill_loss_fn=_cosine_distill,
     )
 
 
@@ -330,13 +486,16 @@ def _edges(num_classes: int | None = None, normal_loss: str = "cosine") -> Task:
         primary="f1",
         invalid="none (every pixel is valid)",
         visualize_fn=_show_edges,
+        pseudo_target_fn=_sigmoid_target,
+        distill_loss_fn=_bce_distill,
+        loss_family="classification",
     )
 
 
-register_task("segmentation")(_segmentation_factory("segmentation", None))
-register_task("part_segmentation")(_segmentation_factory("part_segmentation", 10))
-register_task("depth")(_depth_factory("depth"))
-register_task("disparity")(_depth_factory("disparity"))
-register_task("autoencoder")(_regression_factory("autoencoder", 3))
-register_task("keypoints2d")(_regression_factory("keypoints2d", 1))
-register_task("edge_texture")(_regression_factory("edge_texture", 1))
+register_task("segmentation", _segmentation_factory("segmentation", None), geometry=LABEL)
+register_task("part_segmentation", _segmentation_factory("part_segmentation", 10), geometry=LABEL)
+register_task("depth", _depth_factory("depth"), geometry=DEPTH)
+register_task("disparity", _depth_factory("disparity"), geometry=INVERSE_DEPTH)
+register_task("autoencoder", _regression_factory("autoencoder", 3))
+register_task("keypoints2d", _regression_factory("keypoints2d", 1))
+register_task("edge_texture", _regression_factory("edge_texture", 1))

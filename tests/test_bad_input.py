@@ -1,10 +1,11 @@
-"""Bad input through the real command line: one clear error line, no traceback, no outputs.
+"""Bad input through the command line: one clear error line, no traceback, no outputs.
 
-Every row runs ``python -m lightning_simo fit`` in a subprocess on a tiny configuration (a 4-block,
-width-32 ViT and a handful of 32x40 scenes) with one thing wrong, and checks what a user sees: a
-non-zero exit, one ``lightning_simo: error:`` line naming the problem and its fix, no Python
-traceback, and a run folder without checkpoints or result files (nothing half-written that a
-later stage could pick up).
+Every row runs ``lightning_simo fit`` (``cli.main``, in-process) on a tiny configuration (a
+4-block, width-32 ViT and a handful of 32x40 scenes) with one thing wrong, and checks what a user
+sees: a non-zero exit, one ``lightning_simo: error:`` line naming the problem and its fix, no
+Python traceback, and a run folder without checkpoints or result files (nothing half-written that
+a later stage could pick up). Three rows also run through ``python -m lightning_simo`` in a
+subprocess, proving the real entry point maps errors the same way.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ import shutil
 import subprocess
 import sys
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,8 +22,9 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import TINY_VIT
+from conftest import cli_overrides, tiny_encoder
 
+from lightning_simo.cli import main
 from lightning_simo.data.synthetic import NUM_CLASSES, write_nyuv2_layout
 from lightning_simo.modules.simo import SIMOModule
 
@@ -36,42 +37,13 @@ ERROR_PREFIX = "lightning_simo: error:"
 
 
 # ----------------------------------------------------------------------------- helpers
-def tiny_encoder(**kwargs: object) -> dict:
-    encoder = {**TINY_VIT, "model_kwargs": dict(TINY_VIT["model_kwargs"]), "checkpoint": None}
-    encoder["model_kwargs"].update(kwargs)
-    return encoder
-
-
 def tiny_overrides(root: Path) -> dict:
     """A config layered over the repo's synthetic configs: tiny model, data and trainer."""
-    return {
-        "trainer": {
-            "max_epochs": 1,
-            "max_steps": 2,
-            "default_root_dir": str(root),
-            "logger": False,
-            "enable_progress_bar": False,
-            "enable_model_summary": False,
-            "num_sanity_val_steps": 0,
-            "callbacks": [
-                {
-                    "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-                    "init_args": {"dirpath": "{root}/checkpoints", "save_last": True},
-                }
-            ],
-        },
-        "model": {"init_args": {"encoder": tiny_encoder()}},
-        "data": {
-            "init_args": {
-                "num_train": 8,
-                "num_val": 4,
-                "num_test": 4,
-                "height": 32,
-                "width": 40,
-                "batch_size": 4,
-            }
-        },
+    checkpoint = {
+        "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+        "init_args": {"dirpath": "{root}/checkpoints", "save_last": True},
     }
+    return cli_overrides(root, {"max_epochs": 1, "max_steps": 2, "callbacks": [checkpoint]})
 
 
 def write_yaml(path: Path, content: dict) -> Path:
@@ -362,52 +334,80 @@ ROWS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def outcomes(
-    request: pytest.FixtureRequest,
-    tmp_path_factory: pytest.TempPathFactory,
-    task_checkpoints: dict[str, Path],
-) -> dict[str, tuple[Setup, subprocess.CompletedProcess[str]]]:
-    """Run the selected rows, two command lines at a time (most of each is start-up)."""
-    selected = {
-        item.callspec.params["row"].name
-        for item in request.session.items
-        if isinstance(getattr(item, "callspec", None) and item.callspec.params.get("row"), Row)
-    }
-    jobs = {}
-    for row in ROWS:
-        if row.name in selected:
-            tmp = tmp_path_factory.mktemp("row")
-            setup = Setup(tmp, tmp / "run", task_checkpoints)
-            jobs[row.name] = (setup, row.build(setup))
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        futures = {
-            name: pool.submit(run_cli, args, setup.tmp) for name, (setup, args) in jobs.items()
-        }
-        return {name: (jobs[name][0], future.result()) for name, future in futures.items()}
+@dataclass(frozen=True)
+class Outcome:
+    """What a user sees of one command: its exit status and what it printed on stderr."""
+
+    returncode: int
+    stderr: str
+
+
+def run_in_process(
+    args: list[str], cwd: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> Outcome:
+    """``cli.main(args)`` in this interpreter, from ``cwd``: the same code path as the console
+    script without an interpreter start-up per row. Any exception other than ``SystemExit``
+    propagates and fails the test, as a traceback would."""
+    monkeypatch.delenv("LIGHTNING_SIMO_DEBUG", raising=False)
+    monkeypatch.chdir(cwd)
+    capsys.readouterr()
+    try:
+        main(args)
+    except SystemExit as exit_:
+        code = exit_.code if isinstance(exit_.code, int) else 1
+    else:
+        code = 0
+    return Outcome(code, capsys.readouterr().err)
+
+
+def check_outcome(row: Row, setup: Setup, outcome: Outcome) -> None:
+    assert outcome.returncode != 0, outcome.stderr[-4000:]
+    assert "Traceback" not in outcome.stderr, outcome.stderr[-4000:]
+    assert outputs_in(setup.run_dir) == []
+    assert not (setup.tmp / "marker").exists()
+    if row.parser_error:
+        for word in row.keywords:
+            assert word in outcome.stderr, outcome.stderr[-4000:]
+        return
+    errors = [line for line in outcome.stderr.splitlines() if line.startswith(ERROR_PREFIX)]
+    assert len(errors) == 1, outcome.stderr[-4000:]
+    # the message may go on with a layout tree; its first line must name problem and fix
+    message = errors[0].lower()
+    for word in row.keywords:
+        assert word.lower() in message, f"{word!r} not in {errors[0]!r}"
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("row", ROWS, ids=[r.name for r in ROWS])
 def test_bad_input_fails_cleanly(
-    row: Row, outcomes: dict[str, tuple[Setup, subprocess.CompletedProcess[str]]]
+    row: Row,
+    tmp_path: Path,
+    task_checkpoints: dict[str, Path],
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    setup, proc = outcomes[row.name]
+    setup = Setup(tmp_path, tmp_path / "run", task_checkpoints)
+    check_outcome(row, setup, run_in_process(row.build(setup), tmp_path, capsys, monkeypatch))
 
-    assert proc.returncode != 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    assert "Traceback" not in proc.stderr, proc.stderr[-4000:]
-    assert outputs_in(setup.run_dir) == []
-    assert not (setup.tmp / "marker").exists()
-    if row.parser_error:
-        for word in row.keywords:
-            assert word in proc.stderr, proc.stderr[-4000:]
-        return
-    errors = [line for line in proc.stderr.splitlines() if line.startswith(ERROR_PREFIX)]
-    assert len(errors) == 1, proc.stderr[-4000:]
-    # the message may go on with a layout tree; its first line must name problem and fix
-    message = errors[0].lower()
-    for word in row.keywords:
-        assert word.lower() in message, f"{word!r} not in {errors[0]!r}"
+
+ENTRY_POINT_ROWS = [
+    r
+    for r in ROWS
+    if r.name
+    in ("unknown task", "checkpoint holding pickled code", "config key typo on the command line")
+]
+"""A user error, a refused unsafe checkpoint and a parser error through the real console entry
+point (``python -m lightning_simo``): exit status and stderr as a shell sees them."""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("row", ENTRY_POINT_ROWS, ids=[r.name for r in ENTRY_POINT_ROWS])
+def test_bad_input_through_the_entry_point(
+    row: Row, tmp_path: Path, task_checkpoints: dict[str, Path]
+) -> None:
+    setup = Setup(tmp_path, tmp_path / "run", task_checkpoints)
+    proc = run_cli(row.build(setup), tmp_path)
+    check_outcome(row, setup, Outcome(proc.returncode, proc.stderr))
 
 
 def test_pickled_payload_would_run_if_unpickled(tmp_path: Path) -> None:

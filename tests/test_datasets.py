@@ -19,7 +19,7 @@ from lightning_simo.data.taskonomy import (
     TaskonomyDataModule,
     TaskonomyDataset,
 )
-from lightning_simo.data.transforms import DENSE_KEYS
+from lightning_simo.data.transforms import dense_keys
 
 DATA = Path(__file__).resolve().parent / "data"
 NYU = DATA / "nyuv2"
@@ -406,16 +406,14 @@ def test_taskonomy_training_augmentation() -> None:
     batch = _batch(dm.train_dataloader())
     assert batch["image"].shape == (5, 3, 16, 16) and batch["depth"].shape == (5, 1, 16, 16)
     assert torch.allclose(batch["autoencoder"], batch["image"] * 2 - 1)
-    unmoved = [t for t in ("keypoints2d", "edge_texture") if t not in DENSE_KEYS]
+    # every registered task moves with the image, so the continuous maps augment too
+    assert {"keypoints2d", "edge_texture"} <= set(dense_keys())
     dm = TaskonomyDataModule(
         str(TASKONOMY), tasks=["keypoints2d", "edge_texture"], crop=(16, 16), **BUILDINGS
     )
-    if unmoved:
-        with pytest.raises(ValueError, match="does not move"):
-            dm.setup("fit")
-    else:
-        dm.setup("fit")
-        assert _batch(dm.train_dataloader())["keypoints2d"].shape[-2:] == (16, 16)
+    dm.setup("fit")
+    batch = _batch(dm.train_dataloader())
+    assert batch["keypoints2d"].shape[1:] == batch["edge_texture"].shape[1:] == (1, 16, 16)
 
 
 def test_taskonomy_layout_errors(tmp_path: Path) -> None:

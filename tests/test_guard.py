@@ -8,12 +8,12 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from conftest import TINY_VIT
+from conftest import cpu_trainer, tiny_datamodule, tiny_module
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import Tensor
 
 from lightning_simo.callbacks.guard import NonFiniteGuard, NonFiniteLossError, first_nonfinite
-from lightning_simo.data.synthetic import NUM_CLASSES, SyntheticDataModule
+from lightning_simo.data.synthetic import SyntheticDataModule
 from lightning_simo.modules.joint import JointMTLModule
 from lightning_simo.modules.simo import SIMOModule
 
@@ -46,42 +46,21 @@ class NaNJointModule(NaNAt, JointMTLModule):
 
 def make_module(cls: type, bad_step: int, **kwargs: object) -> L.LightningModule:
     torch.manual_seed(0)
-    module = cls(
-        tasks=TASKS,
-        num_classes={"segmentation": NUM_CLASSES},
-        encoder={**TINY_VIT, "model_kwargs": dict(TINY_VIT["model_kwargs"])},
-        head={"kind": "linear", "upsample": 4},
-        lr=1e-3,
-        schedule="constant",
-        **kwargs,
-    )
+    module = tiny_module(TASKS, cls, lr=1e-3, schedule="constant", **kwargs)
     module.bad_step = bad_step
     return module
 
 
 def make_data() -> SyntheticDataModule:
-    return SyntheticDataModule(
-        tasks=TASKS,
-        num_train=16,
-        num_val=4,
-        num_test=4,
-        height=32,
-        width=40,
-        batch_size=4,
-        augment=False,
-    )
+    return tiny_datamodule(TASKS, num_val=4, num_test=4, batch_size=4, augment=False)
 
 
 def make_trainer(tmp_path: Path, *callbacks: L.Callback, max_epochs: int = 1) -> L.Trainer:
-    return L.Trainer(
-        accelerator="cpu",
+    return cpu_trainer(
+        tmp_path,
         max_epochs=max_epochs,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
+        enable_checkpointing=True,
         limit_val_batches=0,
-        default_root_dir=tmp_path,
         callbacks=list(callbacks),
     )
 

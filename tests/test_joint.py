@@ -10,7 +10,7 @@ from typing import Any
 import lightning as L
 import pytest
 import torch
-from conftest import TINY_VIT
+from conftest import TINY_VIT, cpu_trainer, tiny_datamodule, tiny_module
 
 from lightning_simo.data.synthetic import SyntheticDataModule
 from lightning_simo.modules.joint import JointMTLModule
@@ -20,37 +20,18 @@ CONFIG = Path(__file__).resolve().parents[1] / "configs" / "synthetic" / "mtl.ya
 
 
 def _data() -> SyntheticDataModule:
-    return SyntheticDataModule(
-        tasks=TASKS, num_train=16, num_val=8, num_test=8, height=32, width=40, batch_size=8
-    )
+    return tiny_datamodule(TASKS)
 
 
 def _module(weighting: str, **kwargs: Any) -> JointMTLModule:
     kwargs.setdefault("lr", 1e-3)
-    kwargs.setdefault("encoder", {**TINY_VIT, "model_kwargs": dict(TINY_VIT["model_kwargs"])})
-    return JointMTLModule(
-        tasks=TASKS,
-        num_classes={"segmentation": 8},
-        head={"kind": "linear"},
-        weighting=weighting,
-        **kwargs,
+    return tiny_module(
+        TASKS, JointMTLModule, head={"kind": "linear"}, weighting=weighting, **kwargs
     )
 
 
 def _trainer(tmp_path: Path, **kwargs: Any) -> L.Trainer:
-    options: dict[str, Any] = {
-        "accelerator": "cpu",
-        "max_epochs": 2,
-        "logger": False,
-        "enable_checkpointing": False,
-        "enable_progress_bar": False,
-        "enable_model_summary": False,
-        "num_sanity_val_steps": 0,
-        "limit_val_batches": 1,
-        "default_root_dir": tmp_path,
-    }
-    options.update(kwargs)
-    return L.Trainer(**options)
+    return cpu_trainer(tmp_path, **{"max_epochs": 2, "limit_val_batches": 1, **kwargs})
 
 
 class _Recorder(L.Callback):

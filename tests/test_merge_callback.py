@@ -1,7 +1,8 @@
 """MergeCallback end to end on a tiny ViT: merged weights, α search, what trains, caching, resume.
 
-Three single-task checkpoints are fine-tuned briefly from one θ0 (saved like a foundation
-checkpoint) in a module-scoped fixture, so every test merges real task vectors in seconds.
+Three single-task checkpoints fine-tuned briefly from one θ0 (made once per test session by
+``tests/conftest.py``; θ0 is saved again here like a foundation checkpoint), so every test merges
+real task vectors in seconds.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Any
 import lightning as L
 import pytest
 import torch
-from conftest import TINY_VIT
+from conftest import TINY_VIT, LossRecorder, SingleTasks, cpu_trainer, tiny_datamodule, tiny_module
 from lightning.pytorch.loggers import Logger
 from torch import Tensor
 
@@ -29,7 +30,6 @@ from lightning_simo.models.encoders import Encoder
 from lightning_simo.modules.simo import SIMOModule
 
 TASKS = ("segmentation", "depth", "normals")
-HEAD = {"kind": "linear", "upsample": 4}
 RESNET = {"name": "test_resnet", "indices": [0, 1, 2, 3], "class_token": False}
 
 
@@ -59,45 +59,17 @@ class _RecordingLogger(Logger):
 
 
 def _datamodule(tasks: tuple[str, ...] = TASKS) -> SyntheticDataModule:
-    return SyntheticDataModule(
-        tasks=list(tasks),
-        num_train=16,
-        num_val=8,
-        num_test=8,
-        height=32,
-        width=40,
-        batch_size=8,
-        augment=False,
-        train_split="val",
-    )
+    return tiny_datamodule(tasks, augment=False, train_split="val")
 
 
 def _trainer(root: Path, **kwargs: Any) -> L.Trainer:
-    options: dict[str, Any] = {
-        "accelerator": "cpu",
-        "devices": 1,
-        "logger": False,
-        "enable_checkpointing": False,
-        "enable_progress_bar": False,
-        "enable_model_summary": False,
-        "num_sanity_val_steps": 0,
-        "default_root_dir": root,
-    }
-    options.update(kwargs)
-    return L.Trainer(**options)
+    return cpu_trainer(root, **kwargs)
 
 
 def _module(
     encoder: Mapping[str, Any], tasks: tuple[str, ...] = TASKS, **kwargs: Any
 ) -> SIMOModule:
-    return SIMOModule(
-        tasks=list(tasks),
-        num_classes=_datamodule(tasks).num_classes,
-        encoder=dict(encoder),
-        head=HEAD,
-        schedule="constant",
-        **kwargs,
-    )
+    return tiny_module(tasks, encoder=dict(encoder), schedule="constant", **kwargs)
 
 
 def _count(params: Any) -> int:
@@ -105,36 +77,25 @@ def _count(params: Any) -> int:
 
 
 class Sources:
-    """θ0 and the fine-tuned checkpoints made once for the whole file."""
+    """θ0, saved like a foundation checkpoint, and the session's fine-tuned single-task models
+    (tests/conftest.py ``single_tasks``)."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, single: SingleTasks) -> None:
         self.root = root
-        torch.manual_seed(0)  # built before any function-scoped seeding fixture runs
-        encoder = Encoder(copy.deepcopy(TINY_VIT))
-        self.theta0 = {k: v.detach().clone() for k, v in encoder.state_dict().items()}
+        self.theta0 = encoder_state_dict(load_state_dict(single.theta0))
         self.foundation = root / "foundation.ckpt"
         torch.save(
             {"state_dict": {"encoder." + k: v for k, v in self.theta0.items()}}, self.foundation
         )
         self.encoder = {**copy.deepcopy(TINY_VIT), "checkpoint": str(self.foundation)}
-        self.paths: dict[str, str] = {}
-        for i, task in enumerate(TASKS):
-            torch.manual_seed(10 + i)
-            module = _module(self.encoder, (task,), lr=1e-3)
-            with torch.no_grad():  # a distinct task vector even where training moves little
-                for p in module.net.encoder.parameters():
-                    p.add_(0.01 * torch.randn_like(p))
-            _trainer(root / task, max_steps=2).fit(module, datamodule=_datamodule((task,)))
-            path = root / f"{task}.ckpt"
-            torch.save({"state_dict": module.state_dict()}, path)
-            self.paths[task] = str(path)
+        self.paths: dict[str, str] = dict(single.checkpoints)
         self.finetuned = [encoder_state_dict(load_state_dict(self.paths[t])) for t in TASKS]
         self.heads = {t: head_state_dicts(load_state_dict(self.paths[t]))[t] for t in TASKS}
 
 
 @pytest.fixture(scope="module")
-def sources(tmp_path_factory: pytest.TempPathFactory) -> Sources:
-    return Sources(tmp_path_factory.mktemp("merge_sources"))
+def sources(tmp_path_factory: pytest.TempPathFactory, single_tasks: SingleTasks) -> Sources:
+    return Sources(tmp_path_factory.mktemp("merge_sources"), single_tasks)
 
 
 def _merged(sources: Sources, tmp_path: Path, **options: Any) -> tuple[SIMOModule, MergeCallback]:
@@ -269,31 +230,16 @@ def test_only_the_chosen_mode_requires_grad(
 
 
 # ---------------------------------------------------------------------------- feature cache
-class _LossRecorder(L.Callback):
-    def __init__(self) -> None:
-        self.losses: list[float] = []
-
-    def on_train_batch_end(
-        self,
-        trainer: L.Trainer,
-        pl_module: L.LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
-    ) -> None:
-        self.losses.append(float(outputs["loss"]))
-
-
 def _head_realignment(sources: Sources, root: Path, cache: bool) -> tuple[list[float], SIMOModule]:
     L.seed_everything(0)
     module = _module(sources.encoder, head_lr=1e-2)
-    recorder = _LossRecorder()
+    recorder = LossRecorder()
     callback = MergeCallback(
         checkpoints=sources.paths, scaling=0.5, realign="heads", cache_features=cache
     )
     trainer = _trainer(root, max_epochs=2, limit_val_batches=0, callbacks=[callback, recorder])
     trainer.fit(module, datamodule=_datamodule())
-    return recorder.losses, module
+    return [float(loss) for loss in recorder.losses], module
 
 
 def test_cached_features_train_the_heads_like_the_encoder(sources: Sources, tmp_path: Path) -> None:

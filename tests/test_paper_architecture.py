@@ -14,6 +14,7 @@ import torch
 
 from lightning_simo.models.encoders import Encoder, EncoderConfig
 from lightning_simo.models.heads import DPTHead, HeadConfig, LinearHead, build_head
+from lightning_simo.tasks import build_task
 
 PAPER_ENCODER = EncoderConfig(
     name="vit_base_patch14_dinov2.lvd142m",
@@ -54,9 +55,8 @@ def test_nyuv2_linear_head_size(encoder: Encoder, task_kind: str, channels: int)
     head = build_head(
         HeadConfig(kind="linear", upsample=1),
         encoder.channels,
-        channels,
         encoder.use_class_token,
-        task_kind,
+        build_task(task_kind, num_classes=channels),
     )
     assert isinstance(head, LinearHead)
     assert head.norm.num_features == HEAD_INPUT == 6144
@@ -72,9 +72,8 @@ def test_nyuv2_linear_head_size(encoder: Encoder, task_kind: str, channels: int)
     [("segmentation", 19), ("segmentation", 10), ("depth", 1), ("normals", 3)],
 )
 def test_dpt_head_size(encoder: Encoder, task_kind: str, channels: int) -> None:
-    head = build_head(
-        HeadConfig(kind="dpt"), encoder.channels, channels, encoder.use_class_token, task_kind
-    )
+    task = build_task(task_kind, num_classes=channels)
+    head = build_head(HeadConfig(kind="dpt"), encoder.channels, encoder.use_class_token, task)
     assert isinstance(head, DPTHead)
     assert [conv.in_channels for conv in head.project] == [WIDTH] * LEVELS
     assert [conv.out_channels for conv in head.project] == [24, 48, 96, 192]
@@ -88,7 +87,9 @@ def test_paper_crop_gives_20_by_27_tokens_per_level(encoder: Encoder) -> None:
     image = torch.rand(1, 3, 280, 378)  # the NYUv2 training crop, 20 x 27 patches of 14
     with torch.inference_mode():
         out = encoder(image)
-        seg = build_head(HeadConfig(kind="linear"), encoder.channels, 13, True, "segmentation")
+        seg = build_head(
+            HeadConfig(kind="linear"), encoder.channels, True, build_task("segmentation", 13)
+        )
         logits = seg.eval()(out)
     assert out.image_size == (280, 378)
     assert [tuple(f.shape) for f in out.features] == [(1, WIDTH, 20, 27)] * LEVELS

@@ -17,6 +17,7 @@ from typing import Any
 import lightning as L
 import pytest
 import torch
+from conftest import LossRecorder, cpu_trainer, tiny_datamodule, tiny_module
 from torch import Tensor, nn
 
 from lightning_simo.callbacks.merge import MergeCallback
@@ -26,45 +27,24 @@ from lightning_simo.modules.joint import JointMTLModule
 from lightning_simo.modules.simo import SIMOModule
 
 TASKS = ("segmentation", "depth", "normals")
-HEAD = {"kind": "linear", "upsample": 4}
 STEPS = 3
 
 
 def _datamodule(tasks: tuple[str, ...]) -> SyntheticDataModule:
-    return SyntheticDataModule(
-        tasks=list(tasks),
-        num_train=8,
-        num_val=4,
-        num_test=4,
-        height=32,
-        width=40,
-        batch_size=4,
-        augment=False,
-    )
+    return tiny_datamodule(tasks, num_train=8, num_val=4, num_test=4, batch_size=4, augment=False)
 
 
-class _Recorder(L.Callback):
+class _Recorder(LossRecorder):
     """Training losses of every step, and the dtype of what one watched module returns."""
 
     def __init__(self, watched: nn.Module) -> None:
-        self.losses: list[Tensor] = []
+        super().__init__()
         self.output_dtypes: set[torch.dtype] = set()
         watched.register_forward_hook(self._hook)
 
     def _hook(self, module: nn.Module, inputs: Any, output: Tensor) -> None:
         if module.training:
             self.output_dtypes.add(output.dtype)
-
-    def on_train_batch_end(
-        self,
-        trainer: L.Trainer,
-        pl_module: L.LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
-    ) -> None:
-        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
-        self.losses.append(loss.detach())
 
 
 def _fit_bf16(
@@ -75,18 +55,11 @@ def _fit_bf16(
     callbacks: list[L.Callback] | None = None,
 ) -> _Recorder:
     recorder = _Recorder(watched)
-    trainer = L.Trainer(
-        accelerator="cpu",
-        devices=1,
+    trainer = cpu_trainer(
+        root,
         precision="bf16-mixed",
         max_steps=STEPS,
         limit_val_batches=1,
-        num_sanity_val_steps=0,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=root,
         callbacks=[*(callbacks or []), recorder],
     )
     dm = _datamodule(tasks)
@@ -105,14 +78,7 @@ def _fit_bf16(
 
 
 def _simo(tasks: tuple[str, ...], encoder: dict[str, Any], **kwargs: Any) -> SIMOModule:
-    return SIMOModule(
-        tasks=list(tasks),
-        num_classes=_datamodule(tasks).num_classes,
-        encoder=encoder,
-        head=HEAD,
-        schedule="constant",
-        **kwargs,
-    )
+    return tiny_module(tasks, encoder=encoder, schedule="constant", **kwargs)
 
 
 def _assert_finite_metrics(module: SIMOModule, tasks: tuple[str, ...]) -> None:
@@ -155,14 +121,8 @@ def test_merged_simo_with_head_realignment_in_bf16(tiny_vit: dict, tmp_path: Pat
 
 @pytest.mark.parametrize("weighting", ["gradnorm", "uncertainty"])
 def test_joint_mtl_in_bf16(tiny_vit: dict, tmp_path: Path, weighting: str) -> None:
-    module = JointMTLModule(
-        tasks=list(TASKS),
-        num_classes=_datamodule(TASKS).num_classes,
-        encoder=tiny_vit,
-        head=HEAD,
-        schedule="constant",
-        lr=1e-3,
-        weighting=weighting,
+    module = tiny_module(
+        TASKS, JointMTLModule, encoder=tiny_vit, schedule="constant", lr=1e-3, weighting=weighting
     )
     _fit_bf16(module, TASKS, module.net.heads["normals"], tmp_path)
     _assert_finite_metrics(module, TASKS)

@@ -23,14 +23,10 @@ import sys
 import time
 from pathlib import Path
 
-import lightning as L
 import pytest
 import torch
 import yaml
-from conftest import TINY_VIT
-
-from lightning_simo.data.synthetic import NUM_CLASSES, SyntheticDataModule
-from lightning_simo.modules.simo import SIMOModule
+from conftest import SingleTasks, cli_overrides
 
 pytestmark = pytest.mark.slow
 
@@ -40,53 +36,30 @@ TESTS = Path(__file__).resolve().parent
 TASKS = ["segmentation", "depth"]
 EPOCHS = 4
 HOLD_EPOCH = 2
-HEAD = {"kind": "linear", "upsample": 4}
-
-
-def tiny_encoder() -> dict:
-    return {**TINY_VIT, "model_kwargs": dict(TINY_VIT["model_kwargs"]), "checkpoint": None}
 
 
 def tiny_config(
     root: Path, tasks: list[str], model: dict | None = None, extra: dict | None = None
 ) -> dict:
+    callbacks = [
+        {
+            "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+            # every argument the repo configs set, so that nothing of theirs is kept
+            "init_args": {
+                "dirpath": "{root}/checkpoints",
+                "filename": None,
+                "monitor": None,
+                "save_top_k": -1,
+                "save_last": True,
+            },
+        },
+        {"class_path": "lightning_simo.callbacks.rng.RNGStateCheckpoint"},
+    ]
     config = {
         "seed_everything": 0,
-        "trainer": {
-            "max_epochs": EPOCHS,
-            "default_root_dir": str(root),
-            "logger": False,
-            "enable_progress_bar": False,
-            "enable_model_summary": False,
-            "num_sanity_val_steps": 0,
-            "callbacks": [
-                {
-                    "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-                    # every argument the repo configs set, so that nothing of theirs is kept
-                    "init_args": {
-                        "dirpath": "{root}/checkpoints",
-                        "filename": None,
-                        "monitor": None,
-                        "save_top_k": -1,
-                        "save_last": True,
-                    },
-                },
-                {"class_path": "lightning_simo.callbacks.rng.RNGStateCheckpoint"},
-            ],
-        },
-        "model": {"init_args": {"encoder": tiny_encoder(), **(model or {})}},
-        "data": {
-            "init_args": {
-                "tasks": tasks,
-                "num_train": 8,
-                "num_val": 4,
-                "num_test": 4,
-                "height": 32,
-                "width": 40,
-                "batch_size": 4,
-            }
-        },
+        **cli_overrides(root, {"max_epochs": EPOCHS, "callbacks": callbacks}, {"tasks": tasks}),
     }
+    config["model"]["init_args"].update(model or {})
     config.update(extra or {})
     return config
 
@@ -176,37 +149,9 @@ def assert_same_run(reference: dict, resumed: dict, resumed_from: int) -> None:
 
 
 @pytest.fixture(scope="module")
-def single_task_checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    """One checkpoint per task from a tiny (one-step) single-task fit."""
-    folder = tmp_path_factory.mktemp("single_task")
-    paths = {}
-    for task in TASKS:
-        L.seed_everything(1, verbose=False)
-        module = SIMOModule(
-            tasks=[task],
-            num_classes={"segmentation": NUM_CLASSES} if task == "segmentation" else None,
-            encoder=tiny_encoder(),
-            head=HEAD,
-            lr=1e-2,
-        )
-        data = SyntheticDataModule(
-            tasks=[task], num_train=8, num_val=4, num_test=4, height=32, width=40, batch_size=4
-        )
-        trainer = L.Trainer(
-            accelerator="cpu",
-            max_steps=2,
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            num_sanity_val_steps=0,
-            limit_val_batches=0,
-            default_root_dir=folder,
-        )
-        trainer.fit(module, data)
-        paths[task] = str(folder / f"{task}.ckpt")
-        trainer.save_checkpoint(paths[task], weights_only=True)
-    return paths
+def single_task_checkpoints(single_tasks: SingleTasks) -> dict[str, str]:
+    """The session's single-task checkpoints of ``TASKS`` (tests/conftest.py)."""
+    return {task: single_tasks.checkpoints[task] for task in TASKS}
 
 
 def test_resume_single_task(tmp_path: Path) -> None:

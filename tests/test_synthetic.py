@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +14,7 @@ import torch
 from lightning_simo.data import synthetic as S
 
 H, W = 64, 80
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -222,3 +226,15 @@ def test_datamodule_rejects_bad_tasks_and_sizes() -> None:
         make_module(tasks=["colour"])
     with pytest.raises(ValueError):
         make_module(num_val=0)
+
+
+def test_renderer_is_pure_numpy() -> None:
+    code = (
+        "import sys, lightning_simo.data.render as R; "
+        "R.render_scene(R.scene_rng(0, 0, 0), 8, 8); "
+        "print(sorted(m for m in ('torch', 'lightning', 'albumentations') if m in sys.modules))"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"

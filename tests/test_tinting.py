@@ -11,8 +11,6 @@ import json
 import math
 import os
 import sys
-from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from unittest import mock
@@ -20,7 +18,16 @@ from unittest import mock
 import lightning as L
 import pytest
 import torch
-from conftest import TINY_VIT
+from conftest import (
+    TINY_HEAD,
+    TINY_SCENES,
+    TINY_VIT,
+    SingleTasks,
+    cpu_trainer,
+    make_single_tasks,
+    tiny_datamodule,
+    tiny_module,
+)
 from torch import Tensor
 from torch.utils.data import Dataset
 
@@ -28,7 +35,6 @@ from lightning_simo.callbacks.merge import MergeCallback
 from lightning_simo.checkpoints import encoder_state_dict, load_state_dict
 from lightning_simo.cli import main
 from lightning_simo.data.synthetic import SyntheticDataModule
-from lightning_simo.evaluation import evaluate_net
 from lightning_simo.merging.cache import SampleCache
 from lightning_simo.modules.simo import SIMOModule
 from lightning_simo.modules.tinting import (
@@ -38,89 +44,26 @@ from lightning_simo.modules.tinting import (
     teacher_targets,
     tint_loss,
 )
+from lightning_simo.tasks import build_task
 
 ROOT = Path(__file__).resolve().parents[1]
 TASKS = ("segmentation", "depth", "normals")
-HEAD = {"kind": "linear", "upsample": 4}
-DATA = {"num_train": 16, "num_val": 8, "num_test": 8, "height": 32, "width": 40, "batch_size": 8}
+HEAD = TINY_HEAD
+SPEC = {
+    name: build_task(name, num_classes=2) for name in ("segmentation", "depth", "normals", "edges")
+}
+DATA = TINY_SCENES
 
 
 # ----------------------------------------------------------------------------- fixtures
-@dataclass
-class SingleTasks:
-    """θ0 and the fine-tuned single-task checkpoints (paths), plus their test metrics."""
-
-    theta0: Path
-    checkpoints: dict[str, str]
-    references: list[str]
+@pytest.fixture(scope="module")
+def single(single_tasks: SingleTasks) -> SingleTasks:
+    """The session's θ0 and 20-step single-task models (tests/conftest.py)."""
+    return single_tasks
 
 
 def _datamodule(**overrides: Any) -> SyntheticDataModule:
-    options = {**DATA, "tasks": list(TASKS), "augment": False, "train_split": "val", **overrides}
-    return SyntheticDataModule(**options)
-
-
-def _fine_tune(
-    task: str, theta0: Mapping[str, Tensor], dm: SyntheticDataModule, steps: int
-) -> SIMOModule:
-    module = SIMOModule(tasks=[task], num_classes=dm.num_classes, encoder=TINY_VIT, head=HEAD)
-    module.net.encoder.load_state_dict(theta0)
-    optimizer = torch.optim.Adam(module.parameters(), lr=2e-3)
-    module.train()
-    done = 0
-    while done < steps:
-        for batch in dm.train_dataloader():
-            _, losses = module.task_losses(batch)
-            optimizer.zero_grad()
-            losses[task].backward()
-            optimizer.step()
-            done += 1
-            if done == steps:
-                break
-    return module.eval()
-
-
-def make_single_tasks(root: Path, dm: SyntheticDataModule, steps: int) -> SingleTasks:
-    """θ0 (a random tiny ViT), and one model per task fine-tuned from it for ``steps`` steps."""
-    torch.manual_seed(0)
-    dm.setup("fit")
-    theta0 = SIMOModule(
-        tasks=list(TASKS), num_classes=dm.num_classes, encoder=TINY_VIT, head=HEAD
-    ).net.encoder.state_dict()
-    theta0_path = root / "theta0.pt"
-    torch.save({"state_dict": {f"net.encoder.{k}": v for k, v in theta0.items()}}, theta0_path)
-    checkpoints, references = {}, []
-    test_loader = dm.loader("test")
-    for task in TASKS:
-        module = _fine_tune(task, theta0, dm, steps)
-        path = root / f"{task}.pt"
-        torch.save({"state_dict": module.state_dict()}, path)
-        checkpoints[task] = str(path)
-        metrics = evaluate_net(module.net, test_loader, module.task_specs)
-        ref = root / f"{task}_test_metrics.json"
-        ref.write_text(json.dumps({"metrics": metrics}))
-        references.append(str(ref))
-    return SingleTasks(theta0_path, checkpoints, references)
-
-
-@pytest.fixture(scope="module")
-def single(tmp_path_factory: pytest.TempPathFactory) -> SingleTasks:
-    dm = _datamodule(train_split="train")
-    return make_single_tasks(tmp_path_factory.mktemp("single"), dm, steps=20)
-
-
-def _trainer(**kwargs: Any) -> L.Trainer:
-    options: dict[str, Any] = {
-        "accelerator": "cpu",
-        "devices": 1,
-        "logger": False,
-        "enable_checkpointing": False,
-        "enable_progress_bar": False,
-        "enable_model_summary": False,
-        "num_sanity_val_steps": 0,
-    }
-    options.update(kwargs)
-    return L.Trainer(**options)
+    return tiny_datamodule(TASKS, **{"augment": False, "train_split": "val", **overrides})
 
 
 def _callback(single: SingleTasks, realign: str = "tinting") -> MergeCallback:
@@ -130,15 +73,13 @@ def _callback(single: SingleTasks, realign: str = "tinting") -> MergeCallback:
 
 
 def _module(**kwargs: Any) -> TintingModule:
-    return TintingModule(
-        tasks=list(TASKS), num_classes={"segmentation": 8}, encoder=TINY_VIT, head=HEAD, **kwargs
-    )
+    return tiny_module(TASKS, TintingModule, **kwargs)
 
 
 def _set_up(single: SingleTasks, realign: str = "tinting", **kwargs: Any) -> TintingModule:
     """A module merged and configured by the MergeCallback, without training."""
     module = _module(**kwargs)
-    _callback(single, realign).setup(_trainer(), module, "fit")
+    _callback(single, realign).setup(cpu_trainer(), module, "fit")
     return module
 
 
@@ -173,7 +114,7 @@ def _fit(
 ) -> tuple[TintingModule, L.Trainer]:
     L.seed_everything(0)
     module = _module(**kwargs)
-    trainer = _trainer(max_epochs=epochs, callbacks=[_callback(single)], limit_val_batches=0)
+    trainer = cpu_trainer(max_epochs=epochs, callbacks=[_callback(single)], limit_val_batches=0)
     trainer.fit(module, dm)
     return module, trainer
 
@@ -228,7 +169,9 @@ def test_segmentation_loss_is_cross_entropy_over_kept_pixels() -> None:
     teacher = _logits((4.0, 0.0), (1.0, 0.0))
     student = _logits((0.0, 1.0), (0.0, 4.0))  # pixel 0 kept (teacher surer), pixel 1 dropped
     student.requires_grad_(True)
-    loss, kept = tint_loss("segmentation", student, teacher_targets("segmentation", teacher))
+    loss, kept = tint_loss(
+        SPEC["segmentation"], student, teacher_targets(SPEC["segmentation"], teacher)
+    )
     expected = math.log(1 + math.e)  # -log softmax((0, 1))[0]
     assert loss.item() == pytest.approx(expected, rel=1e-6)
     assert kept.item() == pytest.approx(0.5)
@@ -242,7 +185,9 @@ def test_segmentation_loss_is_zero_not_nan_when_nothing_is_kept() -> None:
     student.requires_grad_(True)
     _, keep = confidence_filter(student, teacher)
     assert not keep.any()
-    loss, kept = tint_loss("segmentation", student, teacher_targets("segmentation", teacher))
+    loss, kept = tint_loss(
+        SPEC["segmentation"], student, teacher_targets(SPEC["segmentation"], teacher)
+    )
     assert loss.item() == 0.0 and not torch.isnan(loss)
     assert kept.item() == 0.0
     loss.backward()
@@ -252,19 +197,19 @@ def test_segmentation_loss_is_zero_not_nan_when_nothing_is_kept() -> None:
 def test_regression_losses_against_teacher_outputs() -> None:
     student = torch.tensor([[[[1.0, 2.0]]]])
     teacher = torch.tensor([[[[1.5, 4.0]]]])
-    loss, kept = tint_loss("depth", student, teacher_targets("depth", teacher))
+    loss, kept = tint_loss(SPEC["depth"], student, teacher_targets(SPEC["depth"], teacher))
     assert loss.item() == pytest.approx(1.25) and kept is None
     # normals: 1 - cos against the normalised teacher (its length does not matter)
     s = torch.tensor([1.0, 0.0, 0.0]).view(1, 3, 1, 1)
     t = torch.tensor([0.0, 5.0, 5.0]).view(1, 3, 1, 1)
-    loss, _ = tint_loss("normals", s, teacher_targets("normals", t))
+    loss, _ = tint_loss(SPEC["normals"], s, teacher_targets(SPEC["normals"], t))
     assert loss.item() == pytest.approx(1.0)
-    loss, _ = tint_loss("normals", s * 3, teacher_targets("normals", s))
+    loss, _ = tint_loss(SPEC["normals"], s * 3, teacher_targets(SPEC["normals"], s))
     assert loss.item() == pytest.approx(0.0, abs=1e-6)
     # edges: BCE to the teacher's sigmoid, smallest where the student equals the teacher
     logits = torch.tensor([0.0, 2.0]).view(1, 1, 1, 2)
-    at_teacher, _ = tint_loss("edges", logits, teacher_targets("edges", logits))
-    off_teacher, _ = tint_loss("edges", logits + 1, teacher_targets("edges", logits))
+    at_teacher, _ = tint_loss(SPEC["edges"], logits, teacher_targets(SPEC["edges"], logits))
+    off_teacher, _ = tint_loss(SPEC["edges"], logits + 1, teacher_targets(SPEC["edges"], logits))
     p = torch.sigmoid(logits)
     entropy = -(p * p.log() + (1 - p) * (1 - p).log()).mean()
     assert at_teacher.item() == pytest.approx(entropy.item(), rel=1e-5)
@@ -325,7 +270,7 @@ def test_tinting_needs_the_tinting_module(single: SingleTasks) -> None:
         ValueError,
         match="realign: tinting needs model class lightning_simo.modules.tinting.TintingModule",
     ):
-        _callback(single, "tinting").setup(_trainer(), module, "fit")
+        _callback(single, "tinting").setup(cpu_trainer(), module, "fit")
 
 
 def test_unknown_tint_layer_is_refused(single: SingleTasks) -> None:

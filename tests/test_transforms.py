@@ -49,7 +49,7 @@ def assert_copied_from(values: np.ndarray, source: np.ndarray, rtol: float = 1e-
 
 
 def compose(*steps: A.BasicTransform) -> A.Compose:
-    return A.Compose(list(steps), additional_targets={k: "mask" for k in T.DENSE_KEYS})
+    return A.Compose(list(steps), additional_targets={k: "mask" for k in T.dense_keys()})
 
 
 def float_sample(sample: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -209,7 +209,7 @@ def to_labels(array: np.ndarray, num_classes: int, path: Path) -> np.ndarray:
     per map, so it runs on every load and a bad file is caught the first time it is read.
     """
     array = _single_channel(array, path, "label map")
-    if array.dtype.kind == "f":
+    if np.issubdtype(array.dtype, np.floating):
         if not np.isfinite(array).all():
             raise ValueError(f"{str(path)!r}: the label map holds NaN or infinite values.")
         fractional = array != np.round(array)

@@ -18,9 +18,12 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from lightning_simo.tasks import available_tasks
 
-__all__ = ["DenseDataModule", "SPLITS", "select_budget"]
+__all__ = ["DenseDataModule", "EVAL_SPLITS", "SPLITS", "select_budget"]
 
 SPLITS = ("train", "val", "test")
+"""Every split a datamodule serves."""
+EVAL_SPLITS = SPLITS[1:]
+"""The splits that are scored (each keeps its own metric state in a module)."""
 
 
 def select_budget(dataset: Dataset, budget: float | int | None, seed: int = 0) -> Dataset:

@@ -23,7 +23,7 @@ Target encodings (all returned ``float32`` ``C x H x W`` unless a segmentation):
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -46,7 +46,7 @@ from lightning_simo.data._files import (
     to_labels,
 )
 from lightning_simo.data.base import DenseDataModule
-from lightning_simo.data.transforms import DENSE_KEYS, build_transform
+from lightning_simo.data.transforms import build_transform
 
 __all__ = [
     "DEFAULT_TASKS",
@@ -84,7 +84,6 @@ TASK_FOLDERS: dict[str, tuple[str, ...]] = {
     "edge_texture": ("edge_texture",),
     "segmentation": ("segment_semantic",),
 }
-_SCALAR_TASKS = ("keypoints2d", "edge_texture")
 DEFAULT_TASKS = ("autoencoder", "depth", "normals", "keypoints2d", "edge_texture")
 """The SIMO paper's five Taskonomy tasks (the authors' code swaps autoencoder for segmentation)."""
 
@@ -206,49 +205,67 @@ class TaskonomyDataset(Dataset):
         sample = {"image": image}
         named = {"image": paths["image"]}
         for task in self.tasks:
-            if task == "autoencoder":
-                continue  # derived from the transformed image below, so it always aligns
-            folder = TASK_FOLDERS[task][0]
-            named[task] = paths[folder]
-            if task == "depth":
-                raw = _gray(self._read(paths, folder, nearest=True), paths[folder], "depth map")
-                mask = _gray(
-                    self._read(paths, "mask_valid", nearest=True), paths["mask_valid"], "mask"
-                )
-                if mask.shape != raw.shape:
-                    raise ValueError(
-                        f"{str(paths['mask_valid'])!r} is {mask.shape} but its depth map "
-                        f"{str(paths[folder])!r} is {raw.shape}."
-                    )
-                depth = np.log1p(raw.astype(np.float32)) / DEPTH_SCALE
-                sample[task] = np.where(mask > 0, depth, 0.0).astype(np.float32)
-            elif task == "normals":
-                encoded = self._read(paths, folder, nearest=True)
-                if encoded.dtype != np.uint8:
-                    raise ValueError(
-                        f"{str(paths[folder])!r}: normals must be an 8-bit RGB PNG, got "
-                        f"{encoded.dtype}."
-                    )
-                sample[task] = to_image(encoded, paths[folder]) * 2.0 - 1.0
-            elif task == "keypoints2d":
-                raw = _gray(self._read(paths, folder, nearest=False), paths[folder], "keypoint map")
-                sample[task] = _signed(raw, KEYPOINTS_MAX)
-            elif task == "edge_texture":
-                raw = _gray(self._read(paths, folder, nearest=False), paths[folder], "edge map")
-                sample[task] = _signed(raw, EDGE_TEXTURE_MAX)
-            else:
-                raw = _gray(self._read(paths, folder, nearest=True), paths[folder], "label map")
-                labels = raw.astype(np.int64)
-                labels[labels == 0] = -1
-                sample[task] = to_labels(labels, NUM_CLASSES, paths[folder])
+            if task in _CONVERTERS:
+                folder = TASK_FOLDERS[task][0]
+                named[task] = paths[folder]
+                sample[task] = _CONVERTERS[task](self, paths, folder)
         check_same_size(sample, named)
         out = finish_sample(sample, self.transform, index, self.tasks)
-        for task in _SCALAR_TASKS:
-            if task in out and out[task].dim() == 2:
-                out[task] = out[task][None]  # C x H x W, as the registry expects
-        if "autoencoder" in self.tasks:
-            out["autoencoder"] = out["image"] * 2.0 - 1.0
+        for task in self.tasks:
+            if task in _FROM_IMAGE:  # derived from the transformed image, so it always aligns
+                out[task] = _FROM_IMAGE[task](out["image"])
         return out
+
+
+Converter = Callable[[TaskonomyDataset, Mapping[str, Path], str], np.ndarray]
+
+
+def _depth(dataset: TaskonomyDataset, paths: Mapping[str, Path], folder: str) -> np.ndarray:
+    raw = _gray(dataset._read(paths, folder, nearest=True), paths[folder], "depth map")
+    mask = _gray(dataset._read(paths, "mask_valid", nearest=True), paths["mask_valid"], "mask")
+    if mask.shape != raw.shape:
+        raise ValueError(
+            f"{str(paths['mask_valid'])!r} is {mask.shape} but its depth map "
+            f"{str(paths[folder])!r} is {raw.shape}."
+        )
+    depth = np.log1p(raw.astype(np.float32)) / DEPTH_SCALE
+    return np.where(mask > 0, depth, 0.0).astype(np.float32)
+
+
+def _normals(dataset: TaskonomyDataset, paths: Mapping[str, Path], folder: str) -> np.ndarray:
+    encoded = dataset._read(paths, folder, nearest=True)
+    if encoded.dtype != np.uint8:
+        raise ValueError(
+            f"{str(paths[folder])!r}: normals must be an 8-bit RGB PNG, got {encoded.dtype}."
+        )
+    return to_image(encoded, paths[folder]) * 2.0 - 1.0
+
+
+def _signed_map(what: str, high: float) -> Converter:
+    def convert(dataset: TaskonomyDataset, paths: Mapping[str, Path], folder: str) -> np.ndarray:
+        raw = _gray(dataset._read(paths, folder, nearest=False), paths[folder], what)
+        return _signed(raw, high)
+
+    return convert
+
+
+def _segmentation(dataset: TaskonomyDataset, paths: Mapping[str, Path], folder: str) -> np.ndarray:
+    raw = _gray(dataset._read(paths, folder, nearest=True), paths[folder], "label map")
+    labels = raw.astype(np.int64)
+    labels[labels == 0] = -1
+    return to_labels(labels, NUM_CLASSES, paths[folder])
+
+
+_CONVERTERS: dict[str, Converter] = {
+    "depth": _depth,
+    "normals": _normals,
+    "keypoints2d": _signed_map("keypoint map", KEYPOINTS_MAX),
+    "edge_texture": _signed_map("edge map", EDGE_TEXTURE_MAX),
+    "segmentation": _segmentation,
+}
+"""How each stored task is read (Taskonomy's storage conventions, one function per task)."""
+_FROM_IMAGE: dict[str, Callable[[Tensor], Tensor]] = {"autoencoder": lambda image: image * 2 - 1}
+"""Tasks computed from the transformed image instead of read from disk."""
 
 
 class TaskonomyDataModule(DenseDataModule):
@@ -324,14 +341,6 @@ class TaskonomyDataModule(DenseDataModule):
         self.split_seed = split_seed
 
     def make_dataset(self, split: str, train: bool) -> TaskonomyDataset:
-        augments = self.crop is not None or self.scales != (1.0,) or self.hflip
-        unmoved = [t for t in self.tasks if t in _SCALAR_TASKS and t not in DENSE_KEYS]
-        if train and augments and unmoved:
-            raise ValueError(
-                f"Taskonomy: the augmentation pipeline does not move {unmoved} with the image, "
-                "so crop / scales / hflip would misalign them; train without augmentation "
-                "(crop=None, scales=[1.0], hflip=False) or drop these tasks."
-            )
         if train:
             transform = build_transform(True, crop=self.crop, scales=self.scales, hflip=self.hflip)
         else:

@@ -3,12 +3,15 @@
 Geometry (resize, pad, crop, flip) is done by albumentations, with every dense map registered as a
 ``"mask"`` target so it gets the same crop window and flip as the image and nearest-neighbour
 resampling (class ids stay integers, unit normals stay unit, invalid zeros never blend into valid
-values). Two things geometry alone gets wrong are fixed inside the transforms that cause them:
+values). What geometry alone gets wrong is fixed inside the transforms that cause it, reading each
+target's :class:`~lightning_simo.tasks.TargetGeometry` from the task registry (so a newly
+registered task is moved correctly with no edit here):
 
-- zooming in by ``s`` looks like the camera moved ``s`` times closer, so depth is divided by ``s``
-  and disparity (inverse depth) multiplied by ``s`` (:class:`RandomRescale`);
-- a horizontal mirror turns a surface facing right into one facing left, so the normals' x
-  component changes sign (:class:`HorizontalFlipNormals`).
+- zooming in by ``s`` looks like the camera moved ``s`` times closer, so values are multiplied by
+  ``s ** zoom_exponent``: depth divided by ``s``, disparity (inverse depth) multiplied
+  (:class:`RandomRescale`);
+- a horizontal mirror turns a surface facing right into one facing left, so ``mirror_x`` targets
+  (normals) change the sign of their x component (:class:`HorizontalFlipNormals`).
 
 Padding must produce *invalid* values: 0 for depth / normals / disparity / edges and -1 for
 labels. albumentations pads every mask with one fill value, so label maps travel through the
@@ -21,12 +24,12 @@ one interpolation for all targets keeps every output value a copy of an input va
 zoom factors are small. Their pad value 0 is a valid mid-range value, not a marker: pad only
 happens when the crop is larger than the (rescaled) image, which the paper's recipes never do.
 
-Samples are numpy dicts in HWC layout: ``"image"`` HxWx3 float32 in [0, 1], ``"segmentation"`` /
-``"part_segmentation"`` HxW int, ``"depth"`` / ``"disparity"`` / ``"edges"`` / ``"keypoints2d"`` /
-``"edge_texture"`` HxW float32, ``"normals"`` HxWx3 float32. Any subset of the target keys may be
-present, plus the non-spatial ``METADATA_KEYS`` (passed through untouched). Any other key is an
-error: a map the pipeline does not know would keep its old geometry while the image is cropped and
-flipped, silently misaligning image and target.
+Samples are numpy dicts in HWC layout: ``"image"`` HxWx3 float32 in [0, 1], label tasks
+(``"segmentation"``, ...) HxW int, single-channel float tasks (``"depth"``, ``"edges"``, ...) HxW
+float32, multi-channel ones (``"normals"``) HxWxC float32. Any subset of the registered task keys
+(:func:`dense_keys`) may be present, plus the non-spatial ``METADATA_KEYS`` (passed through
+untouched). Any other key is an error: a map the pipeline does not know would keep its old
+geometry while the image is cropped and flipped, silently misaligning image and target.
 """
 
 from __future__ import annotations
@@ -42,30 +45,38 @@ import torch
 from albumentations.augmentations.geometric import functional as fgeometric
 from torch.utils.data import get_worker_info
 
+from lightning_simo.tasks import TargetGeometry, available_tasks, task_geometry
+
 __all__ = [
-    "DENSE_KEYS",
     "DensePipeline",
     "HorizontalFlipNormals",
-    "LABEL_KEYS",
     "METADATA_KEYS",
     "RandomRescale",
-    "SCALAR_KEYS",
     "build_transform",
+    "dense_keys",
+    "label_keys",
     "to_tensor_sample",
 ]
 
-LABEL_KEYS = ("segmentation", "part_segmentation")
-"""Integer class maps (-1 = ignore)."""
-SCALAR_KEYS = ("depth", "disparity", "edges", "keypoints2d", "edge_texture")
-"""Single-channel float maps (``H x W`` in numpy, ``1 x H x W`` as tensors)."""
-DENSE_KEYS = (*LABEL_KEYS, *SCALAR_KEYS, "normals")
-"""Every dense target the pipelines know; each is transformed as an albumentations mask."""
 METADATA_KEYS = ("index",)
 """Non-spatial entries that may ride along with a sample and are returned unchanged."""
 
-_DEPTH_KEYS = ("depth",)
-_INVERSE_DEPTH_KEYS = ("disparity",)
-_NORMAL_KEYS = ("normals",)
+
+def dense_keys() -> list[str]:
+    """Every dense target the pipelines move (the registered tasks), each as an albumentations
+    mask; read at call time so tasks registered later are included."""
+    return available_tasks()
+
+
+def label_keys() -> list[str]:
+    """Integer class maps (-1 = ignore)."""
+    return [key for key in available_tasks() if task_geometry(key).label]
+
+
+def _geometries(sample: Mapping[str, Any]) -> dict[str, TargetGeometry]:
+    """The geometry of each registered task present (and not ``None``) in ``sample``."""
+    known = set(available_tasks())
+    return {k: task_geometry(k) for k, v in sample.items() if k in known and v is not None}
 
 
 class RandomRescale(A.DualTransform):
@@ -73,23 +84,16 @@ class RandomRescale(A.DualTransform):
 
     The SIMO / MTAN recipe zooms by one of a few factors ({1, 1.2, 1.5} on NYUv2) rather than a
     continuous range, which is why ``A.RandomScale`` does not fit. Images are resized bilinearly,
-    masks with nearest neighbour. After resampling, targets named in ``depth_keys`` are divided by
-    the factor and those in ``inverse_depth_keys`` multiplied by it (0 = invalid stays 0).
+    masks with nearest neighbour. After resampling, each task's values are multiplied by
+    ``factor ** zoom_exponent`` of its registered geometry: depth divided, disparity multiplied
+    (0 = invalid stays 0).
 
     Args:
         scales: the factors to choose from (each > 0).
-        depth_keys: sample keys holding metric depth.
-        inverse_depth_keys: sample keys holding disparity / inverse depth.
         p: probability of applying the transform.
     """
 
-    def __init__(
-        self,
-        scales: Sequence[float] = (1.0, 1.2, 1.5),
-        depth_keys: Sequence[str] = _DEPTH_KEYS,
-        inverse_depth_keys: Sequence[str] = _INVERSE_DEPTH_KEYS,
-        p: float = 1.0,
-    ) -> None:
+    def __init__(self, scales: Sequence[float] = (1.0, 1.2, 1.5), p: float = 1.0) -> None:
         super().__init__(p=p)
         scales = tuple(float(s) for s in scales)
         if not scales or min(scales) <= 0:
@@ -97,8 +101,6 @@ class RandomRescale(A.DualTransform):
                 f"scales must be a non-empty sequence of positive factors, got {scales}."
             )
         self.scales = scales
-        self.depth_keys = tuple(depth_keys)
-        self.inverse_depth_keys = tuple(inverse_depth_keys)
 
     def get_params_dependent_on_data(
         self, params: dict[str, Any], data: dict[str, Any]
@@ -119,49 +121,49 @@ class RandomRescale(A.DualTransform):
     ) -> dict[str, Any]:
         # apply_to_mask cannot tell depth from labels; the value correction needs the key.
         out = super().apply_with_params(params, *args, **kwargs)
-        scale = params["scale"]
-        for key in self.depth_keys:
-            if out.get(key) is not None:
-                out[key] = out[key] / np.float32(scale)
-        for key in self.inverse_depth_keys:
-            if out.get(key) is not None:
-                out[key] = out[key] * np.float32(scale)
+        factor = np.float32(params["scale"])
+        for key, geometry in _geometries(out).items():
+            power = geometry.zoom_exponent
+            if power > 0:
+                out[key] = out[key] * factor**power
+            elif power < 0:
+                out[key] = out[key] / factor**-power
         return out
 
     def get_transform_init_args_names(self) -> tuple[str, ...]:
-        return ("scales", "depth_keys", "inverse_depth_keys")
+        return ("scales",)
 
 
 class HorizontalFlipNormals(A.HorizontalFlip):
-    """``A.HorizontalFlip`` that also negates the x component of camera-frame normals.
+    """``A.HorizontalFlip`` that also negates the x component of camera-frame vectors.
 
     Mirroring the image mirrors the scene about the camera's y-z plane, which flips the sign of
-    every normal's x component; the maps themselves are mirrored by the parent class. All-zero
-    (invalid) normals stay exactly ``+0`` so validity masks are unchanged.
+    every normal's x component (tasks registered with ``mirror_x``); the maps themselves are
+    mirrored by the parent class. All-zero (invalid) normals stay exactly ``+0`` so validity
+    masks are unchanged.
 
     Args:
-        normal_keys: sample keys holding ``H x W x 3`` normals.
         p: probability of flipping.
     """
 
-    def __init__(self, normal_keys: Sequence[str] = _NORMAL_KEYS, p: float = 0.5) -> None:
+    def __init__(self, p: float = 0.5) -> None:
         super().__init__(p=p)
-        self.normal_keys = tuple(normal_keys)
 
     def apply_with_params(
         self, params: dict[str, Any], *args: Any, **kwargs: Any
     ) -> dict[str, Any]:
         out = super().apply_with_params(params, *args, **kwargs)
-        for key in self.normal_keys:
-            if out.get(key) is not None:
-                normals = out[key].copy()
+        for key, geometry in _geometries(out).items():
+            if geometry.mirror_x:
+                vectors = out[key].copy()
+                x = (..., 0) if vectors.ndim == 3 else ...  # a single-channel map is all x
                 # adding +0.0 turns the -0.0 of negated invalid pixels back into +0.0
-                normals[..., 0] = -normals[..., 0] + 0.0
-                out[key] = normals
+                vectors[x] = -vectors[x] + 0.0
+                out[key] = vectors
         return out
 
     def get_transform_init_args_names(self) -> tuple[str, ...]:
-        return ("normal_keys",)
+        return ()
 
 
 class DensePipeline:
@@ -223,7 +225,7 @@ class DensePipeline:
                 steps.append(HorizontalFlipNormals(p=0.5))
         else:
             steps += [pad, A.CenterCrop(height=height, width=width)]
-        compose = A.Compose(steps, additional_targets={k: "mask" for k in DENSE_KEYS})
+        compose = A.Compose(steps, additional_targets={k: "mask" for k in dense_keys()})
         self._reseed(compose)
         return compose
 
@@ -254,15 +256,15 @@ class DensePipeline:
         """Refuse keys the pipeline would not move with the image (see the module docstring)."""
         if "image" not in sample:
             raise ValueError("A dense sample needs an 'image' entry.")
-        known = {"image", *DENSE_KEYS, *METADATA_KEYS}
+        dense = dense_keys()
+        known = {"image", *dense, *METADATA_KEYS}
         unknown = sorted(k for k in sample if k not in known)
         if unknown:
             raise ValueError(
                 f"The augmentation pipeline does not know the sample key(s) {unknown}, so it "
                 f"cannot keep them aligned with the image. Known dense targets: "
-                f"{', '.join(DENSE_KEYS)}; metadata: {', '.join(METADATA_KEYS)}. Add the key "
-                "to lightning_simo.data.transforms (DENSE_KEYS or METADATA_KEYS) or drop it "
-                "before the transform."
+                f"{', '.join(dense)}; metadata: {', '.join(METADATA_KEYS)}. Register the task "
+                "(lightning_simo.tasks.register_task) or drop the key before the transform."
             )
 
     def __call__(self, sample: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -273,21 +275,22 @@ class DensePipeline:
         size = self.crop or (int(image.shape[0]), int(image.shape[1]))
         data: dict[str, np.ndarray] = {"image": np.ascontiguousarray(image, dtype=np.float32)}
         passthrough: dict[str, np.ndarray] = {}
+        geometries = _geometries(sample)
         for key, value in sample.items():
             if key == "image":
                 continue
-            if key in LABEL_KEYS:
-                data[key] = np.asarray(value).astype(np.float32) + 1.0
-            elif key in DENSE_KEYS:
-                data[key] = np.ascontiguousarray(value, dtype=np.float32)
-            else:  # METADATA_KEYS (check_keys refused everything else)
+            if key not in geometries:  # METADATA_KEYS (check_keys refused everything else)
                 passthrough[key] = value
+            elif geometries[key].label:
+                data[key] = np.asarray(value).astype(np.float32) + 1.0
+            else:
+                data[key] = np.ascontiguousarray(value, dtype=np.float32)
         out = self._pipeline(size)(**data)
         result: dict[str, np.ndarray] = {"image": out["image"]}
         for key in data:
             if key == "image":
                 continue
-            if key in LABEL_KEYS:
+            if geometries[key].label:
                 result[key] = np.rint(out[key]).astype(np.int64) - 1
             else:
                 result[key] = out[key]
@@ -312,20 +315,19 @@ def build_transform(
 def to_tensor_sample(sample: Mapping[str, Any]) -> dict[str, torch.Tensor]:
     """Numpy HWC sample -> tensors in the conventions of :mod:`lightning_simo.tasks`.
 
-    ``image`` / ``normals`` (HxWxC) become CxHxW float32; ``SCALAR_KEYS`` maps (HxW) become
+    ``image`` and multi-channel task maps (HxWxC) become CxHxW float32, single-channel ones (HxW)
     1xHxW float32; label maps become int64 HxW (-1 kept); anything else (e.g. ``"index"``)
     becomes a tensor as is.
     """
+    geometries = _geometries(sample)
     out: dict[str, torch.Tensor] = {}
     for key, value in sample.items():
-        if key in ("image", "normals"):
-            arr = np.asarray(value, dtype=np.float32)
-            out[key] = torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
-        elif key in SCALAR_KEYS:
-            arr = np.asarray(value, dtype=np.float32)
-            out[key] = torch.from_numpy(np.ascontiguousarray(arr))[None]
-        elif key in LABEL_KEYS:
+        if key in geometries and geometries[key].label:
             out[key] = torch.from_numpy(np.ascontiguousarray(np.asarray(value), dtype=np.int64))
+        elif key in geometries or key == "image":
+            arr = np.asarray(value, dtype=np.float32)
+            arr = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
+            out[key] = torch.from_numpy(np.ascontiguousarray(arr))
         else:
             out[key] = torch.as_tensor(value)
     return out

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_simo.models.encoders import EncoderOutput
+from lightning_simo.tasks import Task
 
 __all__ = ["DPTHead", "HEAD_KINDS", "HeadConfig", "LinearHead", "build_head"]
 
@@ -208,28 +209,33 @@ class DPTHead(nn.Module):
         return self.activation(self.out(self.neck(x)))
 
 
-def build_head(
-    config: HeadConfig,
-    in_channels: list[int],
-    out_channels: int,
-    class_token: bool,
-    task_kind: str,
-) -> nn.Module:
-    """One head for one task; depth-like tasks get a positive output."""
-    if config.kind not in HEAD_KINDS:
-        raise ValueError(f"Head kind must be one of {HEAD_KINDS}, got {config.kind!r}.")
-    positive = task_kind == "depth"
-    if config.kind == "linear":
-        return LinearHead(
-            in_channels, out_channels, class_token, positive, config.upsample, config.min_depth
-        )
+def _linear(config: HeadConfig, in_channels: list[int], class_token: bool, task: Task) -> nn.Module:
+    return LinearHead(
+        in_channels, task.channels, class_token, task.positive, config.upsample, config.min_depth
+    )
+
+
+def _dpt(config: HeadConfig, in_channels: list[int], class_token: bool, task: Task) -> nn.Module:
     return DPTHead(
         in_channels,
-        out_channels,
+        task.channels,
         class_token,
-        positive,
+        task.positive,
         config.dpt_channels,
         config.dpt_features,
         config.min_depth,
-        segmentation=task_kind == "segmentation",
+        segmentation=task.geometry.label,
     )
+
+
+_BUILDERS = {"linear": _linear, "dpt": _dpt}
+
+
+def build_head(
+    config: HeadConfig, in_channels: list[int], class_token: bool, task: Task
+) -> nn.Module:
+    """One head for one task: ``task.channels`` outputs, positive when ``task.positive``; the DPT
+    head of a class-map task (``task.geometry.label``) ends in the segmentation neck."""
+    if config.kind not in HEAD_KINDS:
+        raise ValueError(f"Head kind must be one of {HEAD_KINDS}, got {config.kind!r}.")
+    return _BUILDERS[config.kind](config, in_channels, class_token, task)

@@ -48,11 +48,7 @@ class SIMONet(nn.Module):
         self.heads = nn.ModuleDict(
             {
                 name: build_head(
-                    head_cfg,
-                    self.encoder.channels,
-                    task.channels,
-                    self.encoder.use_class_token,
-                    task.kind,
+                    head_cfg, self.encoder.channels, self.encoder.use_class_token, task
                 )
                 for name, task in self.tasks.items()
             }

@@ -403,9 +403,7 @@ class JointMTLModule(SIMOModule):
 
 def _build(name: str, specs: Mapping[str, Any], options: Mapping[str, Any]) -> Weighting:
     """Build the strategy, turning a wrong option name into a one-line configuration error."""
-    task_types = {
-        t: "classification" if spec.is_classification else "regression" for t, spec in specs.items()
-    }
+    task_types = {t: spec.loss_family for t, spec in specs.items()}
     try:
         return build_weighting(name, list(specs), task_types, **options)
     except TypeError as err:

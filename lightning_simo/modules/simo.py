@@ -16,8 +16,10 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
+from lightning_simo.data.base import EVAL_SPLITS
 from lightning_simo.evaluation import delta_mtl, normalized_performance
 from lightning_simo.models.encoders import EncoderConfig, EncoderOutput
 from lightning_simo.models.heads import HeadConfig
@@ -26,8 +28,6 @@ from lightning_simo.modules.schedules import one_cycle
 from lightning_simo.tasks import Task, build_tasks
 
 __all__ = ["SIMOModule", "load_reference_metrics"]
-
-SPLIT_NAMES = ("val", "test")
 
 
 def load_reference_metrics(paths: list[str]) -> dict[str, float]:
@@ -76,8 +76,10 @@ class SIMOModule(L.LightningModule):
             probe), loaded as data (no pickled code).
         reference_metrics: ``test_metrics.json`` files of the single-task models; when given,
             ``test`` also reports normalised performance and Δ_MTL (both forms).
-        metrics_file: where ``test`` writes its metrics (default ``<default_root_dir>/
-            test_metrics.json``).
+        metrics_file: where ``test`` writes its metrics. Default: ``test_metrics.json`` in the
+            run folder, ``trainer.default_root_dir``; when that was left at Lightning's default
+            (the working directory), the logger's ``log_dir`` instead, and without a logger
+            nothing is written (metrics never land in the working directory by accident).
     """
 
     def __init__(
@@ -120,7 +122,7 @@ class SIMOModule(L.LightningModule):
                 split: nn.ModuleDict(
                     {t: spec.make_metrics() for t, spec in self.task_specs.items()}
                 )
-                for split in SPLIT_NAMES
+                for split in EVAL_SPLITS
             }
         )
         self.register_buffer("samples_seen", torch.zeros((), dtype=torch.long))
@@ -321,9 +323,13 @@ class SIMOModule(L.LightningModule):
             return
         from lightning_simo.io import atomic_write_text
 
-        path = self.hparams.metrics_file or str(
-            Path(self.trainer.default_root_dir) / "test_metrics.json"
-        )
+        path = self.hparams.metrics_file or _run_folder_metrics(self.trainer)
+        if path is None:
+            rank_zero_info(
+                "test metrics not written: no run folder (set trainer.default_root_dir, a logger "
+                "or model.metrics_file)"
+            )
+            return
         metrics = {k.removeprefix("test/"): v for k, v in logs.items()}
         payload = {
             "tasks": self.tasks,
@@ -375,3 +381,13 @@ class SIMOModule(L.LightningModule):
             else:
                 logger.log_hyperparams(self.hparams)
                 logger.log_metrics(metrics, step=0)
+
+
+def _run_folder_metrics(trainer: L.Trainer) -> str | None:
+    """``test_metrics.json`` in the run folder; ``None`` when the only candidate is the working
+    directory (Lightning's default root), where a stray file would be mistaken for a result."""
+    cwd = Path.cwd().resolve()
+    for folder in (trainer.default_root_dir, trainer.log_dir):
+        if folder is not None and Path(folder).resolve() != cwd:
+            return str(Path(folder) / "test_metrics.json")
+    return None

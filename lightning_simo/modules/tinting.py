@@ -44,6 +44,7 @@ from lightning_simo.merging.cache import SampleCache
 from lightning_simo.merging.layerwise import LayerwiseMerge
 from lightning_simo.models.encoders import EncoderOutput
 from lightning_simo.modules.simo import SIMOModule
+from lightning_simo.tasks import Targets, Task, argmax_target, keep_mask
 
 __all__ = [
     "LayerwiseMerge",
@@ -54,36 +55,12 @@ __all__ = [
     "tint_loss",
 ]
 
-Targets = tuple[Tensor, ...]
-
 
 # ----------------------------------------------------------------------------- pseudo-labels
-def teacher_targets(kind: str, output: Tensor) -> Targets:
-    """What a teacher's raw output becomes as a training target for a task of ``kind``.
-
-    Only what the loss needs is kept (segmentation: argmax and its probability, not the full
-    logits), so cached targets stay small. Segmentation labels are ``int16``.
-    """
-    output = output.detach().float()
-    if kind == "segmentation":
-        confidence, labels = output.softmax(dim=1).max(dim=1)
-        return labels.to(torch.int16), confidence
-    if kind == "normals":
-        return (F.normalize(output, dim=1),)
-    if kind == "edges":
-        return (torch.sigmoid(output),)
-    if kind in ("depth", "regression"):
-        return (output,)
-    raise ValueError(f"Tinting has no pseudo-label loss for tasks of kind {kind!r}.")
-
-
-@torch.no_grad()
-def _keep_mask(student_logits: Tensor, labels: Tensor, teacher_confidence: Tensor) -> Tensor:
-    """Pixels whose pseudo-label is trusted: the two models agree, or the teacher is at least as
-    confident as the merged model (no fixed threshold)."""
-    confidence, prediction = student_logits.detach().float().softmax(dim=1).max(dim=1)
-    agree = prediction == labels.long()
-    return agree | (teacher_confidence >= confidence)
+def teacher_targets(task: Task, output: Tensor) -> Targets:
+    """What a teacher's raw output becomes as a training target for ``task``
+    (:meth:`Task.pseudo_target`; segmentation keeps its argmax and probability, ``int16``)."""
+    return task.pseudo_target(output)
 
 
 def confidence_filter(student_logits: Tensor, teacher_logits: Tensor) -> tuple[Tensor, Tensor]:
@@ -98,38 +75,17 @@ def confidence_filter(student_logits: Tensor, teacher_logits: Tensor) -> tuple[T
         that drops the pixels where the models disagree and the merged model is the more
         confident one (its mistakes there are more likely the teacher's).
     """
-    labels, confidence = teacher_targets("segmentation", teacher_logits)
-    return labels.long(), _keep_mask(student_logits, labels, confidence)
+    labels, confidence = argmax_target(teacher_logits.detach().float())
+    return labels.long(), keep_mask(student_logits, labels, confidence)
 
 
-def _masked_mean(values: Tensor, keep: Tensor) -> Tensor:
-    """Mean over kept entries; 0 (not NaN) when nothing is kept, and non-finite values at dropped
-    entries cannot leak into the result."""
-    kept = torch.where(keep, values, torch.zeros_like(values))
-    return kept.sum() / keep.sum().clamp_min(1)
-
-
-def tint_loss(kind: str, student: Tensor, targets: Targets) -> tuple[Tensor, Tensor | None]:
+def tint_loss(task: Task, student: Tensor, targets: Targets) -> tuple[Tensor, Tensor | None]:
     """The loss of the merged model's output against a teacher's targets (:func:`teacher_targets`).
 
     Returns the loss and, for segmentation, the fraction of pixels the confidence filter kept
-    (``None`` for other kinds, which train on every pixel).
+    (``None`` for tasks that train on every pixel).
     """
-    student = student.float()
-    if kind == "segmentation":
-        labels, confidence = targets
-        keep = _keep_mask(student, labels, confidence)
-        per_pixel = F.cross_entropy(student, labels.long(), reduction="none")
-        return _masked_mean(per_pixel, keep), keep.float().mean()
-    (target,) = targets
-    if kind == "normals":
-        cosine = (F.normalize(student, dim=1) * target).sum(dim=1)
-        return (1.0 - cosine).mean(), None
-    if kind == "edges":
-        return F.binary_cross_entropy_with_logits(student, target), None
-    if kind in ("depth", "regression"):
-        return (student - target).abs().mean(), None
-    raise ValueError(f"Tinting has no pseudo-label loss for tasks of kind {kind!r}.")
+    return task.distill_loss(student, targets)
 
 
 def task_order(tasks: Sequence[str], step: int) -> list[str]:
@@ -326,7 +282,7 @@ class TintingModule(SIMOModule):
 
     def _compute_targets(self, images: Tensor) -> dict[str, Targets]:
         return {
-            task: teacher_targets(self.task_specs[task].kind, pred)
+            task: teacher_targets(self.task_specs[task], pred)
             for task, pred in self.teacher_outputs(images).items()
         }
 
@@ -358,7 +314,7 @@ class TintingModule(SIMOModule):
         for task in task_order(self.tasks, self.global_step):
             optimizer.zero_grad(set_to_none=True)
             pred = self.net.forward_heads(self.merged_features(images), [task])[task]
-            loss, kept = tint_loss(self.task_specs[task].kind, pred, targets[task])
+            loss, kept = tint_loss(self.task_specs[task], pred, targets[task])
             self.manual_backward(loss)
             optimizer.step()
             self.layer_merge.clamp_()

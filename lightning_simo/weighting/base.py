@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_simo.registry import Registry
+from lightning_simo.tasks import LOSS_FAMILIES
 
 __all__ = [
     "TASK_TYPES",
@@ -37,7 +38,7 @@ __all__ = [
 ]
 
 #: The task types a weighting distinguishes (only uncertainty weighting uses them).
-TASK_TYPES = ("classification", "regression")
+TASK_TYPES = LOSS_FAMILIES
 
 #: An all-reduce-mean over data-parallel ranks, e.g. ``lambda t: strategy.reduce(t, "mean")``.
 ReduceFn = Callable[[Tensor], Tensor]
