@@ -277,6 +277,9 @@ class Task:
     )
     positive: bool = False
     loss_family: str = "regression"
+    colour_mapped: bool = False
+    """Pictures draw its maps with one colour map over their value range (depth-like maps), so a
+    prediction and its target can share one scale; other tasks draw themselves (``visualize``)."""
 
     def __post_init__(self) -> None:
         if self.loss_family not in LOSS_FAMILIES:
@@ -299,6 +302,11 @@ class Task:
     def pseudo_target(self, output: Tensor) -> Targets:
         """A teacher's raw output as this task's distillation target (detached, fp32)."""
         return self.pseudo_target_fn(output.detach().float())
+
+    def predict(self, output: Tensor) -> Tensor:
+        """A head's raw ``B x C x H x W`` output as this task's prediction: class ids,
+        probabilities, unit vectors or values (what predictions on disk hold)."""
+        return self.pseudo_target(output)[0]
 
     def distill_loss(self, student: Tensor, targets: Targets) -> tuple[Tensor, Tensor | None]:
         """The student's output against :meth:`pseudo_target`; the second value is the fraction
@@ -428,6 +436,7 @@ def _depth_factory(name: str) -> Callable[..., Task]:
             invalid="value 0",
             visualize_fn=_show_scalar,
             positive=True,
+            colour_mapped=True,
         )
 
     return factory

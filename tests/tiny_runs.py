@@ -44,7 +44,9 @@ def tiny_config(root: Path) -> Path:
     path.write_text(
         yaml.safe_dump(
             {
-                "model": {"init_args": {"encoder": {**TINY_VIT, "checkpoint": None}}},
+                "model": {
+                    "init_args": {"encoder": {**TINY_VIT, "checkpoint": None}, "probe_epochs": 0}
+                },
                 "data": {"init_args": dict(SIZES)},
                 "trainer": {
                     "max_epochs": 1,

@@ -37,17 +37,14 @@ __all__ = ["PredictionWriter", "raw_prediction"]
 
 def raw_prediction(task: Any, pred: Tensor) -> np.ndarray:
     """A head's ``C x H x W`` output as the array stored on disk (dtype and layout above)."""
-    pred = pred.detach().float().cpu()
-    if task.kind == "segmentation":
-        ids = pred.argmax(0)
-        return ids.numpy().astype(np.uint8 if task.channels <= 256 else np.uint16)
-    if task.kind == "edges":
-        return torch.sigmoid(pred[0]).numpy().astype(np.float16)
-    if task.kind == "normals":
-        pred = F.normalize(pred, dim=0)
-    if pred.shape[0] == 1:
-        return pred[0].numpy().astype(np.float16)
-    return pred.permute(1, 2, 0).numpy().astype(np.float16)
+    value = task.predict(pred.detach().float().cpu()[None])[0]
+    if not value.is_floating_point():  # class ids
+        return value.numpy().astype(np.uint8 if task.channels <= 256 else np.uint16)
+    if value.dim() == 3 and value.shape[0] == 1:
+        value = value[0]
+    elif value.dim() == 3:
+        value = value.permute(1, 2, 0)
+    return value.numpy().astype(np.float16)
 
 
 def _restore_size(pred: Tensor, valid: Sequence[int] | None, size: Sequence[int] | None) -> Tensor:
@@ -149,11 +146,11 @@ class PredictionWriter(BasePredictionWriter):
         if not self.png:
             return
         text: dict[str, str] = {"task": task.name}
-        if task.kind == "depth":
+        if task.colour_mapped:
             value_range = scalar_range(torch.from_numpy(raw.astype(np.float32)))
             text.update(min=f"{value_range[0]:.6g}", max=f"{value_range[1]:.6g}")
             picture = render(task, pred.float(), value_range)
-        elif task.kind == "segmentation":
+        elif task.geometry.label:
             picture = render(task, torch.from_numpy(raw.astype(np.int64)))
         else:
             picture = render(task, pred)

@@ -33,8 +33,6 @@ __all__ = [
 DEPTH_COLORMAP = "viridis"
 """Colour map of depth-like maps (perceptually ordered; invalid pixels are black)."""
 
-_SCALAR_KINDS = ("depth",)
-
 
 def scalar_range(*maps: Tensor) -> tuple[float, float]:
     """Range of the valid (non-zero) values over several depth-like maps: one scale for all."""
@@ -61,7 +59,7 @@ def render(task: Any, x: Tensor, value_range: tuple[float, float] | None = None)
     not given); every other task draws itself (``Task.visualize``: fixed class palette, normals as
     RGB, edges as grey levels).
     """
-    if task.kind in _SCALAR_KINDS:
+    if task.colour_mapped:
         x = x.detach().float()
         x = x[0] if x.dim() == 3 else x
         lo, hi = value_range if value_range is not None else scalar_range(x)
@@ -71,7 +69,7 @@ def render(task: Any, x: Tensor, value_range: tuple[float, float] | None = None)
 
 def task_panel(task: Any, image: Tensor, pred: Tensor, target: Tensor) -> Tensor:
     """One row ``[input | prediction | target]`` as a ``3 x H x 3W`` float image in [0, 1]."""
-    shared = scalar_range(target, pred) if task.kind in _SCALAR_KINDS else None
+    shared = scalar_range(target, pred) if task.colour_mapped else None
     tiles = [
         image.detach().float().cpu().clamp(0, 1),
         render(task, pred, shared),
@@ -100,7 +98,7 @@ def task_panel_figure(
     axes = fig.subplots(rows, len(columns), squeeze=False)
     for r in range(rows):
         maps = [preds[r]] + ([targets[r]] if targets is not None else [])
-        shared = scalar_range(*maps) if task.kind in _SCALAR_KINDS else None
+        shared = scalar_range(*maps) if task.colour_mapped else None
         tiles = [images[r].detach().float().cpu().clamp(0, 1)] + [
             render(task, m, shared) for m in maps
         ]
@@ -115,7 +113,7 @@ def task_panel_figure(
             bar = fig.colorbar(_scalar_mappable(shared), ax=list(axes[r]), fraction=0.03, pad=0.02)
             bar.ax.tick_params(labelsize=7)
             bar.set_label(task.name, fontsize=7)
-    if task.kind == "segmentation" and task.num_classes:
+    if task.geometry.label and task.num_classes:
         colours = task.visualize(torch.arange(task.num_classes)[None])[:, 0].T.numpy()
         handles = [Patch(color=tuple(colours[i]), label=str(i)) for i in range(task.num_classes)]
         fig.legend(

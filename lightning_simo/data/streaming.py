@@ -27,11 +27,7 @@ import torch
 from torch.utils.data import Dataset
 
 from lightning_simo.data.base import SPLITS, DenseDataModule
-from lightning_simo.data.transforms import (
-    SCALAR_KEYS,
-    build_transform,
-    to_tensor_sample,
-)
+from lightning_simo.data.transforms import build_transform, dense_keys, to_tensor_sample
 
 __all__ = ["INFO_NAME", "StreamingDenseDataModule", "to_numpy_sample", "write_litdata"]
 
@@ -41,12 +37,12 @@ INFO_NAME = "lightning_simo.json"
 def to_numpy_sample(sample: Mapping[str, torch.Tensor]) -> dict[str, np.ndarray]:
     """The inverse of :func:`to_tensor_sample`: tensors back to the numpy layout of transforms."""
     out: dict[str, np.ndarray] = {}
+    maps = {"image", *dense_keys()}
     for key, value in sample.items():
         array = value.detach().cpu().numpy()
-        if key in ("image", "normals"):
-            array = np.ascontiguousarray(array.transpose(1, 2, 0))
-        elif key in SCALAR_KEYS:
-            array = array[0]
+        if key in maps and array.ndim == 3:  # CxHxW float maps: 1xHxW -> HxW, else HxWxC
+            array = array[0] if array.shape[0] == 1 else array.transpose(1, 2, 0)
+            array = np.ascontiguousarray(array)
         out[key] = array
     return out
 

@@ -28,6 +28,7 @@ FOLDERS = {
     "gtFine": "_gtFine_labelIds.png",
     "disparity": "_disparity.png",
 }
+_TARGET_FOLDERS = tuple(folder for folder in FOLDERS if folder != "leftImg8bit")
 
 # labelId -> trainId (cityscapesScripts labels.py); every other id is ignored
 _TRAIN_IDS = {
@@ -73,7 +74,7 @@ class CityscapesSource:
             for image in images:
                 stem = image.name[: -len(FOLDERS["leftImg8bit"])]
                 entry = {"leftImg8bit": image}
-                for folder in ("gtFine", "disparity"):
+                for folder in _TARGET_FOLDERS:
                     path = root / folder / split / image.parent.name / f"{stem}{FOLDERS[folder]}"
                     entry[folder] = path
                     if not path.is_file():
