@@ -115,8 +115,8 @@ def test_merged_simo_with_head_realignment_in_bf16(tiny_vit: dict, tmp_path: Pat
     _assert_finite_metrics(module, TASKS)
     cache = module.feature_source
     assert len(cache) == 8 and cache.hits == STEPS * 4 - 8  # epoch 2 served from the cache
-    for features, tokens in cache._store.values():
-        assert all(torch.isfinite(f).all() for f in [*features, *tokens])
+    for index in cache.cache.indices():
+        assert all(torch.isfinite(f).all() for f in cache.cache.entry(index))
 
 
 @pytest.mark.parametrize("weighting", ["gradnorm", "uncertainty"])

@@ -254,8 +254,10 @@ class JointMTLModule(SIMOModule):
             jac = task_jacobian(stacked, leaves, chunk)
             if isinstance(self.weighting, GramianWeighting):
                 world = self.trainer.world_size
-                gramian = self._sum_over_ranks(jac @ jac.T) / world**2
-                direction = self.weighting.gramian_weights(gramian, losses) @ jac
+                with torch.autocast(jac.device.type, enabled=False):  # fp32 under bf16 too
+                    jac = jac if jac.dtype == torch.float64 else jac.float()
+                    gramian = self._sum_over_ranks(jac @ jac.T) / world**2
+                    direction = self.weighting.gramian_weights(gramian, losses) @ jac
             else:
                 direction = self.weighting.aggregate(jac, losses)
             real = out.features + (out.class_tokens or [])

@@ -188,10 +188,14 @@ class JacobianWeighting(Weighting):
         return {f"cosine/{t}": v for t, v in self._as_dict(self.last_cosines).items()}
 
     def aggregate(self, jacobian: Tensor, losses: Tensor) -> Tensor:
-        """The (P,) direction for the (T, P) ``jacobian`` (row t: task t's gradient)."""
-        jacobian, losses = self._checked(jacobian, losses)
-        direction = self._direction(jacobian, losses)
-        self._record_cosines(jacobian, direction)
+        """The (P,) direction for the (T, P) ``jacobian`` (row t: task t's gradient).
+
+        Runs outside autocast: under bf16 mixed precision the Gramian and the solvers must see
+        the float32 jacobian, not a bf16 product of it."""
+        with torch.autocast(jacobian.device.type, enabled=False):
+            jacobian, losses = self._checked(_at_least_fp32(jacobian), _at_least_fp32(losses))
+            direction = self._direction(jacobian, losses)
+            self._record_cosines(jacobian, direction)
         return direction
 
     def _checked(self, jacobian: Tensor, losses: Tensor) -> tuple[Tensor, Tensor]:
@@ -241,7 +245,7 @@ class GramianWeighting(JacobianWeighting):
 
     def gramian_weights(self, gramian: Tensor, losses: Tensor) -> Tensor:
         """The (T,) weights for the (T, T) Gramian of the jacobian (checked first)."""
-        gramian, losses = self._checked(gramian, losses)
+        gramian, losses = self._checked(_at_least_fp32(gramian), _at_least_fp32(losses))
         weights = self._weights(gramian, losses).to(gramian)
         self.last_weights.copy_(weights.to(self.last_weights))
         with torch.no_grad():  # cos(g_t, w @ J) from the Gramian alone
@@ -257,6 +261,11 @@ class GramianWeighting(JacobianWeighting):
 
     def _weights(self, gramian: Tensor, losses: Tensor) -> Tensor:
         raise NotImplementedError
+
+
+def _at_least_fp32(tensor: Tensor) -> Tensor:
+    """float32, unless the tensor is already float64 (which stays exact)."""
+    return tensor if tensor.dtype == torch.float64 else tensor.float()
 
 
 def generator_state(seed: int) -> Tensor:
