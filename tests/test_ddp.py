@@ -57,7 +57,7 @@ WORLD_SIZE = 2
 TASKS = ("segmentation", "depth", "normals")
 HEAD = {"kind": "linear", "upsample": 4}
 SIZES = {"num_train": 16, "num_val": 8, "num_test": 8, "height": 32, "width": 40, "batch_size": 4}
-WORKER_TIMEOUT_S = 240
+WORKER_TIMEOUT_S = 600
 SEARCH_GRID = (0.5, 1.0)
 ADAPTER_RANK = 4
 
