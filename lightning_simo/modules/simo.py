@@ -319,11 +319,13 @@ class SIMOModule(L.LightningModule):
         return out
 
     def _write_metrics_file(self, logs: Mapping[str, float]) -> None:
+        # every rank resolves the path: under DDP ``Trainer.log_dir`` is a broadcast, and a
+        # collective called on one rank only leaves the others a step behind until they hang
+        path = self.hparams.metrics_file or _run_folder_metrics(self.trainer)
         if not self.trainer.is_global_zero:
             return
         from lightning_simo.io import atomic_write_text
 
-        path = self.hparams.metrics_file or _run_folder_metrics(self.trainer)
         if path is None:
             rank_zero_info(
                 "test metrics not written: no run folder (set trainer.default_root_dir, a logger "
@@ -387,7 +389,10 @@ def _run_folder_metrics(trainer: L.Trainer) -> str | None:
     """``test_metrics.json`` in the run folder; ``None`` when the only candidate is the working
     directory (Lightning's default root), where a stray file would be mistaken for a result."""
     cwd = Path.cwd().resolve()
-    for folder in (trainer.default_root_dir, trainer.log_dir):
-        if folder is not None and Path(folder).resolve() != cwd:
-            return str(Path(folder) / "test_metrics.json")
+    root = trainer.default_root_dir
+    if root is not None and Path(root).resolve() != cwd:
+        return str(Path(root) / "test_metrics.json")
+    log_dir = trainer.log_dir  # asked only when needed: a collective under DDP
+    if log_dir is not None and Path(log_dir).resolve() != cwd:
+        return str(Path(log_dir) / "test_metrics.json")
     return None
