@@ -157,6 +157,11 @@ class MergeMethod:
     validate: Callable[[Mapping[str, Any]], dict[str, Any]] | None = None
     keywise: Granularity = False
     elementwise: Granularity = False
+    prepass: Callable[[MergeInputs, Mapping[str, Any]], dict[str, Any]] | None = None
+    """For a method that is not keywise because of model-wide statistics: computes them in a
+    streaming pass (one key at a time) and returns the options with them added, with which
+    ``fn`` then runs one key at a time. Streams use it (bounded memory); :func:`merge` does
+    not (it holds every result anyway, and one pass fewer is faster)."""
 
     def is_keywise(self, options: Mapping[str, Any]) -> bool:
         """Whether each key's result depends on that key's inputs only (so results can be
@@ -189,6 +194,7 @@ def register_merge_method(
     replace: bool = False,
     keywise: Granularity = False,
     elementwise: Granularity = False,
+    prepass: Callable[[MergeInputs, Mapping[str, Any]], dict[str, Any]] | None = None,
 ) -> Any:
     """Register ``fn`` under ``name`` (usable as a decorator when ``fn`` is omitted).
 
@@ -197,10 +203,14 @@ def register_merge_method(
     replaces the declarative check entirely when options depend on each other. ``keywise`` and
     ``elementwise`` (a bool, or a function of the validated options) tell :func:`iter_merge` and
     lazy merging how finely the method can be streamed; the safe default is neither.
+    ``prepass`` (see :class:`MergeMethod`) lets streams run a method one key at a time after a
+    pass that gathers its model-wide statistics.
     """
 
     def add(function: MergeFn) -> MergeFn:
-        spec = MergeMethod(name, function, dict(options or {}), validate, keywise, elementwise)
+        spec = MergeMethod(
+            name, function, dict(options or {}), validate, keywise, elementwise, prepass
+        )
         MERGE_METHODS.register(name, spec, replace=replace)
         return function
 
@@ -491,8 +501,10 @@ def iter_merge(
     The values are those of :func:`merge`, bit for bit. A keywise method (each key's result
     depends on that key only) runs one key at a time, so a consumer that writes each tensor
     out holds one key's inputs and result, never the model. Other methods (e.g. TIES, whose
-    sign election needs a model-wide majority) run over all keys first; their results are then
-    handed out and released one by one. Options are validated before the first value.
+    sign election needs a model-wide majority) first gather those statistics in a pass of their
+    own when they can (``prepass``) and then also run one key at a time; the rest run over all
+    keys first and hand their results out one by one. Options are validated before the first
+    value.
     """
     spec, method_options, inputs = _prepare(pretrained, finetuned, method, options)
     return _stream(pretrained, spec, method_options, inputs)
@@ -506,7 +518,11 @@ def _stream(
 ) -> Iterator[tuple[str, Tensor]]:
     keys = set(inputs.keys) if inputs is not None else set()
     merged: dict[str, Tensor] = {}
-    if inputs is not None and not spec.is_keywise(method_options):
+    keywise = spec.is_keywise(method_options)
+    if inputs is not None and not keywise and spec.prepass is not None:
+        method_options = spec.prepass(inputs, method_options)
+        keywise = True
+    if inputs is not None and not keywise:
         merged = spec.fn(inputs, method_options)
         _check_complete(merged, inputs.keys, spec.name)
     for key in tensor_metadata(pretrained):
@@ -660,36 +676,20 @@ def _ties(inputs: MergeInputs, options: Mapping[str, Any]) -> dict[str, Tensor]:
     zero sum but non-zero trimmed values (exact cancellations, rare) are remembered and patched
     at the end; this saves a full pass over the model.
     """
-    density, scaling = options["density"], options["scaling"]
-    rule, scope = options["merge_rule"], options["trim_scope"]
-    thresholds: list[Tensor] | None = None
-    if scope == "global":
-        thresholds = _kth_largest_magnitudes(inputs, keep_count(density, inputs.numel))
+    density, scaling, rule = options["density"], options["scaling"], options["merge_rule"]
+    known = options.get(_TIES_MODEL_WIDE)
+    thresholds = _ties_thresholds(inputs, options) if known is None else known["thresholds"]
     out: dict[str, Tensor] = {}
     balance = 0.0  # sum of the elected signs (exact in float64 up to 2**53 coordinates)
     pending: list[tuple[str, Tensor, list[Tensor]]] = []
     for key in inputs.keys:
-        taus = inputs.task_vectors(key)
-        if thresholds is None:
-            k = keep_count(density, taus[0].numel())
-            limits = [t.abs().reshape(-1).kthvalue(t.numel() - k + 1).values for t in taus]
-        else:
-            limits = [limit.to(taus[0].device) for limit in thresholds]
-        keep = [t.abs() >= limit for t, limit in zip(taus, limits)]
-        trimmed = [t.mul_(k) for t, k in zip(taus, keep)]  # as the reference: M * mask
-        total = _accumulate(trimmed)
-        elected = torch.sign(total)
+        trimmed, elected, where = _ties_elect(inputs, key, density, thresholds)
         balance += float(elected.sum(dtype=torch.float64))
-        cancelled = total == 0
-        support = keep[0]
-        for mask in keep[1:]:
-            support = support | mask
-        where = cancelled.logical_and_(support).reshape(-1).nonzero().squeeze(1)
         if where.numel():
             pending.append((key, where, [t.reshape(-1)[where] for t in trimmed]))
         out[key] = inputs.scaled(key, _disjoint(trimmed, elected, rule, signed=True), scaling)
     # the reference's sign of the summed elected signs: 0 when they balance exactly
-    majority = float((balance > 0) - (balance < 0))
+    majority = float((balance > 0) - (balance < 0)) if known is None else known["majority"]
     for key, where, values in pending:
         out[key] = out[key].contiguous()
         elected = torch.full_like(values[0], majority)
@@ -697,6 +697,52 @@ def _ties(inputs: MergeInputs, options: Mapping[str, Any]) -> dict[str, Tensor]:
         base = inputs.pretrained[key].reshape(-1)[where]
         out[key].view(-1)[where] = cast_like(add_scaled(base, merged, scaling), out[key])
     return out
+
+
+_TIES_MODEL_WIDE = "_model_wide"
+"""The option under which :func:`_ties_prepass` hands the model-wide statistics to ``_ties``."""
+
+
+def _ties_thresholds(inputs: MergeInputs, options: Mapping[str, Any]) -> list[Tensor] | None:
+    """Global trimming's per-task thresholds (``None``: each tensor ranks its own)."""
+    if options["trim_scope"] != "global":
+        return None
+    return _kth_largest_magnitudes(inputs, keep_count(options["density"], inputs.numel))
+
+
+def _ties_elect(
+    inputs: MergeInputs, key: str, density: float, thresholds: list[Tensor] | None
+) -> tuple[list[Tensor], Tensor, Tensor]:
+    """Trim and elect at ``key``: the trimmed task vectors, the elected signs, and the flat
+    indices whose trimmed values cancel exactly (they take the model-wide majority sign)."""
+    taus = inputs.task_vectors(key)
+    if thresholds is None:
+        k = keep_count(density, taus[0].numel())
+        limits = [t.abs().reshape(-1).kthvalue(t.numel() - k + 1).values for t in taus]
+    else:
+        limits = [limit.to(taus[0].device) for limit in thresholds]
+    keep = [t.abs() >= limit for t, limit in zip(taus, limits)]
+    trimmed = [t.mul_(k) for t, k in zip(taus, keep)]  # as the reference: M * mask
+    total = _accumulate(trimmed)
+    elected = torch.sign(total)
+    cancelled = total == 0
+    support = keep[0]
+    for mask in keep[1:]:
+        support = support | mask
+    where = cancelled.logical_and_(support).reshape(-1).nonzero().squeeze(1)
+    return trimmed, elected, where
+
+
+def _ties_prepass(inputs: MergeInputs, options: Mapping[str, Any]) -> dict[str, Any]:
+    """Thresholds and the majority sign, one key at a time, so a stream can then merge each key
+    on its own (one more read of the task vectors than ``_ties``, bounded memory)."""
+    thresholds = _ties_thresholds(inputs, options)
+    balance = 0.0
+    for key in inputs.keys:
+        _, elected, _ = _ties_elect(inputs, key, options["density"], thresholds)
+        balance += float(elected.sum(dtype=torch.float64))
+    majority = float((balance > 0) - (balance < 0))
+    return {**options, _TIES_MODEL_WIDE: {"thresholds": thresholds, "majority": majority}}
 
 
 def _stable_seed(seed: int, task: int, key: str) -> int:
@@ -772,13 +818,15 @@ register_merge_method("average", _average, keywise=True, elementwise=True)
 register_merge_method(
     "task_arithmetic", _task_arithmetic, options=_TA_OPTIONS, keywise=True, elementwise=True
 )
-# TIES elects signs against a model-wide majority (not keywise); global trimming ranks over all
-# coordinates, so splitting tensors changes nothing, while per-tensor trimming ranks per tensor.
+# TIES elects signs against a model-wide majority (not keywise; streams gather it, and global
+# thresholds, in a prepass); global trimming ranks over all coordinates, so splitting tensors
+# changes nothing, while per-tensor trimming ranks per tensor.
 register_merge_method(
     "ties",
     _ties,
     options=_TIES_OPTIONS,
     elementwise=lambda options: options["trim_scope"] == "global",
+    prepass=_ties_prepass,
 )
 # DARE's masks are drawn per (task, key) over the key's whole shape: never split a tensor.
 register_merge_method(
