@@ -260,7 +260,7 @@ def test_only_the_chosen_mode_requires_grad(
     trainable = {n: p for n, p in module.named_parameters() if p.requires_grad}
     heads = _count(module.net.heads.parameters())
     dim, blocks = TINY_VIT["model_kwargs"]["embed_dim"], TINY_VIT["model_kwargs"]["depth"]
-    per_block = 2 * rank * dim + (rank + dim if form == "residual" else 0)
+    per_block = 2 * rank * dim  # both forms: down and up projections, no biases
     expected = {
         "none": 0,
         "heads": heads,

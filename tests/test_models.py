@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from lightning_simo.models.adapters import BlockAdapter
 from lightning_simo.models.encoders import Encoder, EncoderConfig
 from lightning_simo.models.heads import DPTHead, HeadConfig, LinearHead
 from lightning_simo.models.simo import SIMONet
@@ -85,3 +86,23 @@ def test_parameters_no_head_reads_are_frozen(tiny_vit):
     loss = sum(f.sum() for f in out.features)
     loss.backward()
     assert all(p.grad is not None for p in cnn.parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("form", ["lora", "residual"])
+def test_adapters_have_the_authors_parameter_count_and_start_as_the_identity(form):
+    adapter = BlockAdapter(128, rank=16, form=form)
+    # the SIMO authors' adapter: down (128 -> 16) and up (16 -> 128) projections, no biases
+    assert {n: tuple(p.shape) for n, p in adapter.named_parameters()} == {
+        "down.weight": (16, 128),
+        "up.weight": (128, 16),
+    }
+    assert sum(p.numel() for p in adapter.parameters()) == 2 * 16 * 128 == 4096
+    y = torch.randn(2, 128, 3, 4)  # a CNN stage output, channels first
+    assert torch.equal(adapter(y), y)
+    with torch.no_grad():
+        adapter.up.weight.normal_()
+    z = y.movedim(1, -1)
+    down = z @ adapter.down.weight.T
+    correction = (down if form == "lora" else down.relu()) @ adapter.up.weight.T
+    expected = z + correction if form == "lora" else z - correction
+    torch.testing.assert_close(adapter(y), expected.movedim(-1, 1))
