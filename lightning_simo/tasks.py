@@ -180,6 +180,14 @@ def _filtered_ce_distill(student: Tensor, targets: Targets) -> tuple[Tensor, Ten
     return masked_mean(per_pixel, keep), keep.float().mean()
 
 
+def _ce_distill(student: Tensor, targets: Targets) -> tuple[Tensor, Tensor | None]:
+    """Cross-entropy to the teacher's argmax on every pixel (plain Model Tinting: a teacher's
+    pseudo-label exists wherever it predicts, so there is no invalid pixel to leave out)."""
+    labels, _ = targets
+    loss = F.cross_entropy(student, labels.long())
+    return loss, torch.ones((), device=student.device)
+
+
 # ----------------------------------------------------------------------------- visualisers
 def _palette(num_classes: int) -> Tensor:
     """A fixed, well-separated colour per class (deterministic across runs and ranks)."""
@@ -275,6 +283,10 @@ class Task:
     distill_loss_fn: Callable[[Tensor, Targets], tuple[Tensor, Tensor | None]] = field(
         default=_l1_distill, repr=False
     )
+    unfiltered_distill_loss_fn: Callable[[Tensor, Targets], tuple[Tensor, Tensor | None]] | None = (
+        field(default=None, repr=False)
+    )
+    """``distill_loss_fn`` without its pseudo-label filter (``None``: the task filters nothing)."""
     positive: bool = False
     loss_family: str = "regression"
     colour_mapped: bool = False
@@ -308,10 +320,16 @@ class Task:
         probabilities, unit vectors or values (what predictions on disk hold)."""
         return self.pseudo_target(output)[0]
 
-    def distill_loss(self, student: Tensor, targets: Targets) -> tuple[Tensor, Tensor | None]:
+    def distill_loss(
+        self, student: Tensor, targets: Targets, confidence_filter: bool = True
+    ) -> tuple[Tensor, Tensor | None]:
         """The student's output against :meth:`pseudo_target`; the second value is the fraction
-        of pixels a filter kept (``None`` when every pixel trains)."""
-        return self.distill_loss_fn(student.float(), targets)
+        of pixels a filter kept (``None`` for a task without a filter). ``confidence_filter=False``
+        trains on every pixel (the fraction is then 1)."""
+        fn = self.distill_loss_fn
+        if not confidence_filter and self.unfiltered_distill_loss_fn is not None:
+            fn = self.unfiltered_distill_loss_fn
+        return fn(student.float(), targets)
 
     @property
     def geometry(self) -> TargetGeometry:
@@ -415,6 +433,7 @@ def _segmentation_factory(name: str, default_classes: int | None) -> Callable[..
             visualize_fn=lambda x: _show_segmentation(x, n),
             pseudo_target_fn=argmax_target,
             distill_loss_fn=_filtered_ce_distill,
+            unfiltered_distill_loss_fn=_ce_distill,
             loss_family="classification",
         )
 

@@ -409,3 +409,104 @@ def test_mtl_config_runs(dataset: str, single_task_runs: SingleTaskRuns, tmp_pat
     run_cli(["test", "--config", path, *args, "--ckpt_path", str(best)])
     metrics = read_metrics(tmp_path / "mtl")
     assert math.isfinite(metrics["delta_mtl_ratio"])
+
+
+# ----------------------------------------------------------------------------- FusionBench's NYUv2
+FUSIONBENCH = {stage: ROOT / "configs" / f"fusionbench_nyuv2_{stage}.yaml" for stage in STAGES[:2]}
+FUSIONBENCH_TINY = (
+    "--model.init_args.encoder.name",
+    "test_resnet",
+    "--model.init_args.encoder.pretrained",
+    "false",
+    "--model.init_args.head.aspp_rates",
+    "[1, 2, 3]",
+    "--model.init_args.head.aspp_channels",
+    "8",
+    *FAST_TRAINER,
+    *DATASETS["nyuv2"].overrides,
+)
+"""The same network in miniature: timm's tiny ResNet, still dilated to output stride 8."""
+
+
+def test_fusionbench_configs_hold_fusionbench_settings() -> None:
+    single, merged = (load_yaml(FUSIONBENCH[s]) for s in STAGES[:2])
+    for cfg in (single, merged):
+        model, data = cfg["model"]["init_args"], cfg["data"]["init_args"]
+        assert model["encoder"] == {
+            "name": "resnet50.tv_in1k",
+            "pretrained": True,
+            "model_kwargs": {"output_stride": 8},
+            "indices": [-1],
+            "class_token": False,
+            "input_scaling": "none",
+            "pad_to_patch": False,
+        }
+        assert model["head"] == {
+            "kind": "deeplab",
+            "aspp_rates": [12, 24, 36],
+            "aspp_channels": 256,
+        }
+        assert data["crop"] is None and data["scales"] == [1.0] and data["hflip"] is False
+        assert data["batch_size"] == 16 and cfg["trainer"]["precision"] == "32-true"
+    model, trainer = single["model"]["init_args"], single["trainer"]
+    assert (model["lr"], model["weight_decay"], model["probe_epochs"]) == (1e-4, 0.0, 0)
+    assert trainer["max_epochs"] == 40 and "gradient_clip_val" not in trainer
+    assert not any(c["class_path"].endswith("EarlyStopping") for c in trainer["callbacks"])
+    merge = merged["merge"]
+    assert (merge["method"], merge["scaling"], merge["realign"], merge["bn_stats"]) == (
+        "task_arithmetic",
+        0.3,
+        "none",
+        "merge",
+    )
+    assert all(p.endswith("/checkpoints/last.ckpt") for p in merge["checkpoints"].values())
+    # a ResNet-50 dilated to stride 8 maps a 288 x 384 image to 36 x 48 x 2048
+    encoder = Encoder({**model["encoder"], "pretrained": False})
+    assert (encoder.channels, encoder.reductions) == ([2048], [8])
+
+
+@pytest.mark.slow
+def test_fusionbench_configs_run(tmp_path: Path) -> None:
+    tasks = DATASETS["nyuv2"].tasks
+    single = str(FUSIONBENCH["single_task"])
+    for task in tasks:
+        args = [*FUSIONBENCH_TINY, "--data.init_args.tasks", f"[{task}]"]
+        # a large step, so that two of them give task vectors the three methods tell apart
+        args += ["--model.init_args.lr", "0.05", "--trainer.default_root_dir", str(tmp_path / task)]
+        run_cli(["fit", "--config", single, *args])
+        last = tmp_path / task / "checkpoints" / "last.ckpt"
+        run_cli(["test", "--config", single, *args, "--ckpt_path", str(last)])
+    checkpoints = ", ".join(f"{t}: {tmp_path / t / 'checkpoints' / 'last.ckpt'}" for t in tasks)
+    references = ", ".join(str(tmp_path / t / "test_metrics.json") for t in tasks)
+    methods = {
+        "task_arithmetic": [],
+        "average": ["--merge.method", "average"],
+        "ties": [
+            "--merge.method",
+            "ties",
+            "--merge.method_options",
+            "{density: 0.2, trim_scope: global, merge_rule: sum}",
+        ],
+    }
+    results = {}
+    for method, extra in methods.items():
+        run_cli(
+            [
+                "test",
+                "--config",
+                str(FUSIONBENCH["merge"]),
+                *FUSIONBENCH_TINY,
+                "--merge.checkpoints",
+                f"{{{checkpoints}}}",
+                "--model.init_args.reference_metrics",
+                f"[{references}]",
+                "--trainer.default_root_dir",
+                str(tmp_path / "merge" / method),
+                *extra,
+            ]
+        )
+        results[method] = read_metrics(tmp_path / "merge" / method)
+        assert math.isfinite(results[method]["delta_mtl_ratio"]), method
+        assert math.isfinite(results[method]["delta_mtl_difference"]), method
+    # three methods, three merged encoders
+    assert len({r["normals/mean"] for r in results.values()}) == 3

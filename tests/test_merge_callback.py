@@ -8,6 +8,7 @@ real task vectors in seconds.
 from __future__ import annotations
 
 import copy
+import json
 import shutil
 from collections.abc import Mapping
 from pathlib import Path
@@ -24,7 +25,7 @@ from lightning_simo.callbacks.merge import MergeCallback
 from lightning_simo.callbacks.realign import FeatureCache
 from lightning_simo.checkpoints import encoder_state_dict, head_state_dicts, load_state_dict
 from lightning_simo.data.synthetic import SyntheticDataModule
-from lightning_simo.evaluation import evaluate_net, mean_normalized_performance
+from lightning_simo.evaluation import delta_mtl, evaluate_net, mean_normalized_performance
 from lightning_simo.merging import merge
 from lightning_simo.models.encoders import Encoder
 from lightning_simo.modules.simo import SIMOModule
@@ -187,6 +188,52 @@ def test_alpha_search_keeps_the_best_alpha_and_logs_scores(
     assert callback.search_scores[0.0] == pytest.approx(at_zero, rel=1e-5)
 
 
+def test_the_search_metric_sets_the_score_and_the_cache_key(
+    sources: Sources, tmp_path: Path
+) -> None:
+    grid = (0.0, 1.0)
+    cache = tmp_path / "alpha_search.json"
+    searched = {}
+    for metric in ("ratio", "difference"):
+        module, dm = _module(sources.encoder), _datamodule()
+        callback = MergeCallback(
+            checkpoints=sources.paths,
+            search_grid=grid,
+            search_metric=metric,
+            search_cache=str(cache),
+        )
+        trainer = _trainer(tmp_path / metric, callbacks=[callback], limit_val_batches=1)
+        trainer.validate(module, datamodule=dm)
+        searched[metric] = callback
+    # the second search evaluated its own grid: the criterion is part of the key
+    entries = json.loads(cache.read_text())
+    assert sorted(e["context"]["search_metric"] for e in entries.values()) == [
+        "difference",
+        "ratio",
+    ]
+    # α = 1 scored by hand against the same single-task baseline, in each form
+    ratio, difference = searched["ratio"], searched["difference"]
+    assert ratio.baseline == pytest.approx(difference.baseline)
+    net, specs = module.net, module.task_specs
+    net.encoder.load_state_dict(
+        merge(sources.theta0, sources.finetuned, "task_arithmetic", scaling=1.0), strict=False
+    )
+    values = evaluate_net(net, dm.loader("val"), specs, max_batches=None)
+    primary = {f"{t}/{s.primary}": s.higher_is_better for t, s in specs.items()}
+    picked = {k: values[k] for k in primary}
+    base = {k: difference.baseline[k] for k in primary}
+    expected = 1 + delta_mtl(picked, base, primary, form="difference") / 100
+    assert difference.search_scores[1.0] == pytest.approx(expected, rel=1e-5)
+    assert ratio.search_scores[1.0] == pytest.approx(
+        mean_normalized_performance(values, ratio.baseline, specs), rel=1e-5
+    )
+
+
+def test_an_unknown_search_metric_is_refused() -> None:
+    with pytest.raises(ValueError, match="search_metric must be one of ratio, difference"):
+        MergeCallback(checkpoints={"depth": "x.ckpt"}, search_metric="ratios")
+
+
 def test_alpha_search_on_the_test_split_is_refused() -> None:
     with pytest.raises(ValueError, match="test split"):
         MergeCallback(checkpoints={"depth": "x.ckpt"}, search_split="test")
@@ -213,7 +260,7 @@ def test_only_the_chosen_mode_requires_grad(
     trainable = {n: p for n, p in module.named_parameters() if p.requires_grad}
     heads = _count(module.net.heads.parameters())
     dim, blocks = TINY_VIT["model_kwargs"]["embed_dim"], TINY_VIT["model_kwargs"]["depth"]
-    per_block = 2 * rank * dim + (rank + dim if form == "residual" else 0)
+    per_block = 2 * rank * dim  # both forms: down and up projections, no biases
     expected = {
         "none": 0,
         "heads": heads,

@@ -1,8 +1,9 @@
 import pytest
 import torch
 
+from lightning_simo.models.adapters import BlockAdapter
 from lightning_simo.models.encoders import Encoder, EncoderConfig
-from lightning_simo.models.heads import DPTHead, HeadConfig, LinearHead
+from lightning_simo.models.heads import DeepLabHead, DPTHead, HeadConfig, LinearHead
 from lightning_simo.models.simo import SIMONet
 from lightning_simo.tasks import build_tasks
 
@@ -85,3 +86,53 @@ def test_parameters_no_head_reads_are_frozen(tiny_vit):
     loss = sum(f.sum() for f in out.features)
     loss.backward()
     assert all(p.grad is not None for p in cnn.parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("form", ["lora", "residual"])
+def test_adapters_have_the_authors_parameter_count_and_start_as_the_identity(form):
+    adapter = BlockAdapter(128, rank=16, form=form)
+    # the SIMO authors' adapter: down (128 -> 16) and up (16 -> 128) projections, no biases
+    assert {n: tuple(p.shape) for n, p in adapter.named_parameters()} == {
+        "down.weight": (16, 128),
+        "up.weight": (128, 16),
+    }
+    assert sum(p.numel() for p in adapter.parameters()) == 2 * 16 * 128 == 4096
+    y = torch.randn(2, 128, 3, 4)  # a CNN stage output, channels first
+    assert torch.equal(adapter(y), y)
+    with torch.no_grad():
+        adapter.up.weight.normal_()
+    z = y.movedim(1, -1)
+    down = z @ adapter.down.weight.T
+    correction = (down if form == "lora" else down.relu()) @ adapter.up.weight.T
+    expected = z + correction if form == "lora" else z - correction
+    torch.testing.assert_close(adapter(y), expected.movedim(-1, 1))
+
+
+def test_deeplab_head_on_a_dilated_resnet():
+    # FusionBench's NYUv2 model in miniature: output stride 8, ASPP on the last stage
+    config = {"name": "test_resnet", "model_kwargs": {"output_stride": 8}, "indices": [-1]}
+    enc = Encoder(EncoderConfig(**config, class_token=False, input_scaling="none"))
+    assert enc.reductions == [8]
+    feats = enc(torch.rand(2, 3, 48, 64))
+    assert feats.features[-1].shape[-2:] == (6, 8)
+    c, w, rates = enc.channels[-1], 16, [1, 2, 3]
+    seg = DeepLabHead(enc.channels, 5, rates=rates, channels=w)
+    assert seg(feats).shape == (2, 5, 6, 8)
+    conv_bn = 2 * w  # every branch conv is bias-free and followed by BN (weight + bias)
+    expected = (
+        (c * w + conv_bn)  # 1x1 branch
+        + len(rates) * (9 * c * w + conv_bn)  # atrous branches
+        + (c * w + conv_bn)  # image pooling
+        + (5 * w * w + conv_bn)  # projection of the five branches
+        + (9 * w * w + conv_bn)  # 3x3 neck
+        + (w * 5 + 5)  # the output 1x1 conv, the layer Model Tinting trains
+    )
+    assert sum(p.numel() for p in seg.parameters()) == expected
+    depth = DeepLabHead(enc.channels, 1, positive=True, rates=rates, channels=w).eval()
+    assert (depth(feats) > 0).all()
+    tasks = build_tasks(["segmentation", "depth"], {"segmentation": 5})
+    head = {"kind": "deeplab", "aspp_rates": rates, "aspp_channels": w}
+    net = SIMONet(tasks, {**config, "class_token": False}, HeadConfig(**head))
+    out = net(torch.rand(2, 3, 48, 64))
+    assert out["segmentation"].shape == (2, 5, 48, 64) and out["depth"].shape == (2, 1, 48, 64)
+    assert isinstance(net.heads["depth"].out, torch.nn.Conv2d)

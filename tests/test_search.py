@@ -8,7 +8,15 @@ from pathlib import Path
 
 import pytest
 
-from lightning_simo.merging.search import SearchCache, search_key, search_scaling
+from lightning_simo.merging.search import (
+    SEARCH_METRICS,
+    SearchCache,
+    SearchResult,
+    search_key,
+    search_scaling,
+    search_score,
+)
+from lightning_simo.tasks import build_tasks
 
 
 class _Score:
@@ -76,3 +84,34 @@ def test_an_unreadable_cache_file_is_only_a_miss(tmp_path: Path) -> None:
     search_scaling(score, [0.5], cache=SearchCache(path), key="k")
     assert score.calls == [0.5]
     assert json.loads(path.read_text())["k"]["scores"] == {"0.5": pytest.approx(-0.01)}
+
+
+# ---------------------------------------------------------------------------- the criterion
+_TASKS = build_tasks(["segmentation", "depth"], {"segmentation": 3})
+_BASELINE = {"segmentation/miou": 0.5, "depth/abs_err": 1.0}
+# α = 0.3 keeps segmentation but doubles the depth error; α = 0.6 loses some of both. The ratio
+# form caps the depth loss at b / m = 0.5, the difference form charges (m - b) / b = 1 for it.
+_AT = {
+    0.3: {"segmentation/miou": 0.5, "depth/abs_err": 2.0},
+    0.6: {"segmentation/miou": 0.3, "depth/abs_err": 1.25},
+}
+
+
+def _pick(metric: str) -> SearchResult:
+    return search_scaling(lambda a: search_score(_AT[a], _BASELINE, _TASKS, metric), sorted(_AT))
+
+
+def test_the_two_criteria_pick_different_alphas_where_they_disagree() -> None:
+    ratio, difference = _pick("ratio"), _pick("difference")
+    assert ratio.scores == pytest.approx({0.3: (1.0 + 0.5) / 2, 0.6: (0.6 + 0.8) / 2})
+    assert difference.scores == pytest.approx(
+        {0.3: 1 + (0.0 - 1.0) / 2, 0.6: 1 + (-0.4 - 0.25) / 2}
+    )
+    assert (ratio.best, difference.best) == (0.3, 0.6)
+
+
+def test_both_criteria_read_one_at_the_single_task_models() -> None:
+    for metric in SEARCH_METRICS:
+        assert search_score(_BASELINE, _BASELINE, _TASKS, metric) == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="search_metric must be one of ratio, difference"):
+        search_score(_BASELINE, _BASELINE, _TASKS, "mean")

@@ -179,6 +179,28 @@ def test_segmentation_loss_is_cross_entropy_over_kept_pixels() -> None:
     assert torch.all(student.grad[..., 1] == 0)  # the dropped pixel gives no gradient
 
 
+def test_without_the_filter_segmentation_trains_on_every_pixel() -> None:
+    teacher = _logits((4.0, 0.0), (1.0, 0.0))
+    student = _logits((0.0, 1.0), (0.0, 4.0))  # the filter would drop pixel 1
+    student.requires_grad_(True)
+    targets = teacher_targets(SPEC["segmentation"], teacher)
+    loss, kept = tint_loss(SPEC["segmentation"], student, targets, filtered=False)
+    expected = (math.log(1 + math.e) + math.log(1 + math.e**4)) / 2  # both pixels, class 0
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+    assert kept.item() == 1.0
+    loss.backward()
+    assert torch.all(student.grad != 0)  # every pixel gives a gradient
+    # tasks without a filter are the same either way
+    depth = teacher_targets(SPEC["depth"], teacher[:, :1])
+    assert tint_loss(SPEC["depth"], student[:, :1], depth, filtered=False)[1] is None
+
+
+def test_tinting_without_the_filter_keeps_every_pixel_in_training(single: SingleTasks) -> None:
+    module, trainer = _fit(single, _datamodule(), epochs=1, confidence_filter=False)
+    assert module.filtered is False
+    assert float(trainer.callback_metrics["train/segmentation/kept_fraction"]) == 1.0
+
+
 def test_segmentation_loss_is_zero_not_nan_when_nothing_is_kept() -> None:
     teacher = _logits((1.0, 0.0), (0.0, 1.0))
     student = _logits((0.0, 6.0), (6.0, 0.0))

@@ -24,7 +24,7 @@ from lightning_simo.callbacks.search_report import (
     log_merge_facts,
     report_restored_alpha,
 )
-from lightning_simo.evaluation import evaluate_net, mean_normalized_performance
+from lightning_simo.evaluation import evaluate_net
 from lightning_simo.merging import (
     BN_STATS_POLICIES,
     MERGE_METHODS,
@@ -34,9 +34,11 @@ from lightning_simo.merging import (
 )
 from lightning_simo.merging.search import (
     SearchCache,
+    check_search_metric,
     default_cache_path,
     search_key,
     search_scaling,
+    search_score,
 )
 from lightning_simo.merging.sources import Sources, load_sources
 from lightning_simo.merging.statistics import gather_statistics, statistics_of
@@ -55,8 +57,11 @@ class MergeCallback(L.Callback):
             ``net.heads.<task>.*``. Loaded as data only.
         method: ``average``, ``task_arithmetic``, ``ties``, ``dare`` (or any registered method).
         scaling: α, a number, or ``"search"``: each α of ``search_grid`` is evaluated on the
-            ``search_split`` by mean normalised performance against the single-task models, and
-            the best is kept.
+            ``search_split`` against the single-task models by ``search_metric``, and the best
+            is kept.
+        search_metric: the search criterion, a form of Δ_MTL over the tasks' primary metrics:
+            ``ratio`` (mean normalised performance, the SIMO paper's tables) or ``difference``
+            (mean signed relative difference, what the SIMO authors' code maximises).
         search_grid: the α candidates (default 0, 0.1, ..., 1; TIES often peaks above 1).
         method_options: the method's own options (``density``, ``trim_scope``, ``merge_rule``,
             ``drop_rate``, ``seed``, ``base``).
@@ -74,7 +79,7 @@ class MergeCallback(L.Callback):
         search_cache: keep the search's scores in ``<default_root_dir>/alpha_search.json``
             (``true``), in this file (a path), or nowhere (``false``). Entries are keyed by the
             sources' content hashes, the method and its options, the grid point and what the
-            score was measured on, so a repeated search is a lookup.
+            score was measured on (and the ``search_metric``), so a repeated search is a lookup.
     """
 
     def __init__(
@@ -94,6 +99,7 @@ class MergeCallback(L.Callback):
         search_split: str = "val",
         search_batches: int | None = None,
         search_cache: bool | str = True,
+        search_metric: str = "ratio",
     ) -> None:
         if isinstance(scaling, str) and scaling != "search":
             raise ValueError(f"scaling must be a number or 'search', got {scaling!r}.")
@@ -122,6 +128,7 @@ class MergeCallback(L.Callback):
         self.search_split = search_split
         self.search_batches = search_batches
         self.search_cache = search_cache
+        self.search_metric = check_search_metric(search_metric)
         self.alpha: float | None = None
         self.search_scores: dict[float, float] = {}
         self.baseline: dict[str, float] = {}
@@ -282,6 +289,7 @@ class MergeCallback(L.Callback):
             "method": self.method,
             "method_options": self.method_options,
             "bn_stats": self.bn_stats,
+            "search_metric": self.search_metric,
             "split": self.search_split,
             "batches": self.search_batches,
             "data": _describe(dm),
@@ -307,7 +315,7 @@ class MergeCallback(L.Callback):
             merged = apply_task_vector(sources.theta0, direction, alpha)
             net.encoder.load_state_dict(merged, strict=False)
             values = evaluate_net(net, loader, tasks, device, self.search_batches)
-            return mean_normalized_performance(values, self.baseline, tasks)
+            return search_score(values, self.baseline, tasks, self.search_metric)
 
         # evaluation draws from the global RNG (data loader seeds): fork it, so that training
         # afterwards is the same whether the scores were evaluated or read from the cache
@@ -320,7 +328,8 @@ class MergeCallback(L.Callback):
         table = ", ".join(f"{a:g}: {s:.4f}" for a, s in self.search_scores.items())
         reused = f" ({len(result.cached)} from the cache)" if result.cached else ""
         rank_zero_info(
-            f"[merge] {self.method} α search on {self.search_split} -> {table}{reused}; "
+            f"[merge] {self.method} α search on {self.search_split} ({self.search_metric}) -> "
+            f"{table}{reused}; "
             f"best α = {best:g}"
         )
         return best

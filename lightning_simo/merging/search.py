@@ -5,6 +5,19 @@ go to the smaller α: the least departure from θ0). It knows nothing of Lightni
 MergeCallback passes a closure that loads θ0 + α·τ into the model and evaluates it on the val
 split; a notebook can pass anything.
 
+What "best" means is the search criterion, :func:`search_score`, in one of the two Δ_MTL forms
+of :mod:`lightning_simo.evaluation` (``SEARCH_METRICS``):
+
+- ``"ratio"`` (default): the mean over tasks of the normalised performance ``m / b`` or ``b / m``
+  of each task's primary metric, the form the SIMO paper's tables print;
+- ``"difference"``: one plus the mean signed relative difference ``(-1)^l (m - b) / b`` (Eq. 2 of
+  the SIMO paper, Maninis et al.), the quantity the SIMO authors' released code maximises when
+  it picks α (the ``all`` entry of its evaluation, chosen by ``find_optimal_coef``).
+
+Both read 1 at the single-task models' level, and they rank α alike near it; they part when an
+error metric grows, since ``b / m`` saturates where ``(m - b) / b`` does not, so the difference
+form punishes a doubled depth error twice as hard and may settle on another α.
+
 The cache: a search's scores depend on the sources (θ0 and every fine-tuned checkpoint, by content
 hash), the method and its options, and what the scores are measured on (split, batches, data);
 :func:`search_key` turns those into one SHA-256 key. :class:`SearchCache` keeps
@@ -23,11 +36,27 @@ import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from lightning_simo.evaluation import DELTA_FORMS, delta_mtl, mean_normalized_performance
 from lightning_simo.io import atomic_write_text
 
-__all__ = ["SearchCache", "SearchResult", "default_cache_path", "search_key", "search_scaling"]
+if TYPE_CHECKING:
+    from lightning_simo.tasks import Task
+
+__all__ = [
+    "SEARCH_METRICS",
+    "SearchCache",
+    "SearchResult",
+    "check_search_metric",
+    "default_cache_path",
+    "search_key",
+    "search_scaling",
+    "search_score",
+]
+
+SEARCH_METRICS: tuple[str, ...] = DELTA_FORMS
+"""The α-search criteria: ``ratio`` (the SIMO paper's tables) or ``difference`` (its code)."""
 
 
 @dataclass(frozen=True)
@@ -75,6 +104,37 @@ class SearchCache:
         if self.path is not None:
             text = json.dumps(self._entries, indent=1, sort_keys=True, default=str)
             atomic_write_text(self.path, text + "\n")
+
+
+def check_search_metric(metric: str) -> str:
+    """``metric`` if it names a search criterion, else a ValueError that lists them."""
+    if metric not in SEARCH_METRICS:
+        raise ValueError(
+            f"search_metric must be one of {', '.join(SEARCH_METRICS)}, got {metric!r}."
+        )
+    return metric
+
+
+def search_score(
+    values: Mapping[str, float],
+    baseline: Mapping[str, float],
+    tasks: Mapping[str, Task],
+    metric: str = "ratio",
+) -> float:
+    """The α-search score (larger is better) of ``values`` against the single-task ``baseline``.
+
+    Each task counts once, through its primary metric. ``ratio``: the mean normalised
+    performance; ``difference``: ``1 + Δ_MTL / 100`` in the difference form. Both equal 1 when
+    every task matches its single-task model (see the module docstring for why they differ).
+    """
+    check_search_metric(metric)
+    if metric == "ratio":
+        return mean_normalized_performance(values, baseline, tasks)
+    keys = [f"{t}/{spec.primary}" for t, spec in tasks.items()]
+    higher = {k: spec.higher_is_better for k, spec in zip(keys, tasks.values(), strict=True)}
+    picked = {k: values[k] for k in keys}
+    reference = {k: baseline[k] for k in keys}
+    return 1.0 + delta_mtl(picked, reference, higher, form="difference") / 100.0
 
 
 def _check_grid(grid: Iterable[float]) -> tuple[float, ...]:

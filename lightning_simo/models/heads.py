@@ -1,8 +1,10 @@
 """Dense task heads reading the encoder's multi-level features.
 
-Two shapes, as in the SIMO paper: the ~0.1M-parameter *linear* head (NYUv2) and a small *DPT*
-head (Cityscapes, Taskonomy). Both end in a plain 1x1 conv (``head.out``), the layer that Model
-Tinting trains per task, and both produce maps that the caller resizes to the label size.
+Two shapes from the SIMO paper: the ~0.1M-parameter *linear* head (NYUv2) and a small *DPT*
+head (Cityscapes, Taskonomy); and the *DeepLab* head (ASPP, DeepLabv3) that FusionBench puts on a
+dilated ResNet-50 for its NYUv2 merging benchmark. All end in a plain 1x1 conv (``head.out``),
+the layer that Model Tinting trains per task, and all produce maps that the caller resizes to
+the label size.
 """
 
 from __future__ import annotations
@@ -17,9 +19,9 @@ from torch import Tensor, nn
 from lightning_simo.models.encoders import EncoderOutput
 from lightning_simo.tasks import Task
 
-__all__ = ["DPTHead", "HEAD_KINDS", "HeadConfig", "LinearHead", "build_head"]
+__all__ = ["DPTHead", "DeepLabHead", "HEAD_KINDS", "HeadConfig", "LinearHead", "build_head"]
 
-HEAD_KINDS = ("linear", "dpt")
+HEAD_KINDS = ("linear", "dpt", "deeplab")
 
 
 @dataclass
@@ -27,13 +29,16 @@ class HeadConfig:
     """How to build each task's head.
 
     Args:
-        kind: ``linear`` (BN + 1x1 conv over concatenated levels) or ``dpt``.
+        kind: ``linear`` (BN + 1x1 conv over concatenated levels), ``dpt`` or ``deeplab`` (ASPP
+            over the last level, FusionBench's NYUv2 head).
         upsample: pixel-shuffle factor of the linear head's output (1 = the paper's head; the
             synthetic default uses 4, since a 1x1 conv on an 8x10 map is too coarse for 64x80
             labels).
         min_depth: depth-like outputs are ``ReLU(x) + min_depth`` (strictly positive).
         dpt_channels: reassemble widths of the four DPT levels.
         dpt_features: DPT fusion width.
+        aspp_rates: dilation rates of the DeepLab head's three atrous branches.
+        aspp_channels: width of every DeepLab branch and of its output convolutions.
     """
 
     kind: str = "linear"
@@ -41,6 +46,8 @@ class HeadConfig:
     min_depth: float = 1e-3
     dpt_channels: list[int] = field(default_factory=lambda: [24, 48, 96, 192])
     dpt_features: int = 128
+    aspp_rates: list[int] = field(default_factory=lambda: [12, 24, 36])
+    aspp_channels: int = 256
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -209,6 +216,66 @@ class DPTHead(nn.Module):
         return self.activation(self.out(self.neck(x)))
 
 
+def _conv_bn_relu(
+    in_channels: int, out_channels: int, kernel: int = 1, dilation: int = 1
+) -> list[nn.Module]:
+    pad = dilation * (kernel // 2)
+    conv = nn.Conv2d(in_channels, out_channels, kernel, padding=pad, dilation=dilation, bias=False)
+    return [conv, nn.BatchNorm2d(out_channels), nn.ReLU(inplace=True)]
+
+
+class _ImagePooling(nn.Module):
+    """The ASPP branch that sees the whole image: global average, 1x1 conv, back to the map size."""
+
+    def __init__(self, in_channels: int, out_channels: int) -> None:
+        super().__init__()
+        self.project = nn.Sequential(*_conv_bn_relu(in_channels, out_channels))
+
+    def forward(self, x: Tensor) -> Tensor:
+        pooled = self.project(x.mean(dim=(-2, -1), keepdim=True))
+        return pooled.expand(-1, -1, *x.shape[-2:])
+
+
+class DeepLabHead(nn.Module):
+    """DeepLabv3's head (Chen et al., 2017) on the encoder's last level.
+
+    Atrous spatial pyramid pooling: a 1x1 branch, three 3x3 branches dilated by ``rates`` and an
+    image-pooling branch, each ``channels`` wide with BN + ReLU; their concatenation projected
+    back to ``channels`` (BN, ReLU, dropout 0.5), a 3x3 conv-BN-ReLU, and the 1x1 output conv.
+    This is the per-task decoder of FusionBench's NYUv2 benchmark (rates 12, 24, 36, width 256,
+    on the 2048-channel output of a dilated ResNet-50); the earlier levels, if any, are unused.
+    """
+
+    def __init__(
+        self,
+        in_channels: list[int],
+        out_channels: int,
+        positive: bool = False,
+        rates: list[int] | None = None,
+        channels: int = 256,
+        min_depth: float = 1e-3,
+    ) -> None:
+        super().__init__()
+        rates = list(rates or [12, 24, 36])
+        if not rates or any(r < 1 for r in rates):
+            raise ValueError(f"aspp_rates must be dilation rates >= 1, got {rates}.")
+        width = in_channels[-1]
+        branches = [nn.Sequential(*_conv_bn_relu(width, channels))]
+        branches += [nn.Sequential(*_conv_bn_relu(width, channels, 3, r)) for r in rates]
+        self.branches = nn.ModuleList([*branches, _ImagePooling(width, channels)])
+        self.project = nn.Sequential(
+            *_conv_bn_relu(channels * len(self.branches), channels), nn.Dropout(0.5)
+        )
+        self.neck = nn.Sequential(*_conv_bn_relu(channels, channels, 3))
+        self.out = nn.Conv2d(channels, out_channels, 1)
+        self.activation = _OutputActivation(positive, min_depth)
+
+    def forward(self, feats: EncoderOutput) -> Tensor:
+        x = feats.features[-1]
+        x = self.project(torch.cat([branch(x) for branch in self.branches], dim=1))
+        return self.activation(self.out(self.neck(x)))
+
+
 def _linear(config: HeadConfig, in_channels: list[int], class_token: bool, task: Task) -> nn.Module:
     return LinearHead(
         in_channels, task.channels, class_token, task.positive, config.upsample, config.min_depth
@@ -228,7 +295,20 @@ def _dpt(config: HeadConfig, in_channels: list[int], class_token: bool, task: Ta
     )
 
 
-_BUILDERS = {"linear": _linear, "dpt": _dpt}
+def _deeplab(
+    config: HeadConfig, in_channels: list[int], class_token: bool, task: Task
+) -> nn.Module:
+    return DeepLabHead(
+        in_channels,
+        task.channels,
+        task.positive,
+        config.aspp_rates,
+        config.aspp_channels,
+        config.min_depth,
+    )
+
+
+_BUILDERS = {"linear": _linear, "dpt": _dpt, "deeplab": _deeplab}
 
 
 def build_head(

@@ -33,7 +33,8 @@ __all__ = ["SurgeryModule", "TaskSurgery"]
 
 
 class TaskSurgery(nn.Module):
-    """One task's correction: a residual rank-``r`` module per encoder level."""
+    """One task's correction: a residual rank-``r`` module per encoder level (without biases,
+    as the projections of Representation Surgery's code)."""
 
     def __init__(self, channels: Sequence[int], rank: int) -> None:
         super().__init__()

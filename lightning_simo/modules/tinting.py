@@ -8,7 +8,9 @@ own fine-tuned model (fine-tuned encoder + fine-tuned head) is the teacher, and 
 trained towards its predictions on unlabelled images:
 
 - segmentation: per-pixel cross-entropy to the teacher's argmax, keeping a pixel only when the
-  teacher may be trusted over the merged model (:func:`confidence_filter`);
+  teacher may be trusted over the merged model (:func:`confidence_filter`, the "Model Tinting++"
+  variant of the released code); ``confidence_filter: false`` is plain Model Tinting, which
+  trains on every pixel;
 - depth-like and other regression tasks: L1 to the teacher's output;
 - normals: ``1 - cos`` to the normalised teacher output;
 - edges: binary cross-entropy to the teacher's sigmoid (soft targets: the teacher's uncertainty
@@ -79,13 +81,15 @@ def confidence_filter(student_logits: Tensor, teacher_logits: Tensor) -> tuple[T
     return labels.long(), keep_mask(student_logits, labels, confidence)
 
 
-def tint_loss(task: Task, student: Tensor, targets: Targets) -> tuple[Tensor, Tensor | None]:
+def tint_loss(
+    task: Task, student: Tensor, targets: Targets, filtered: bool = True
+) -> tuple[Tensor, Tensor | None]:
     """The loss of the merged model's output against a teacher's targets (:func:`teacher_targets`).
 
     Returns the loss and, for segmentation, the fraction of pixels the confidence filter kept
-    (``None`` for tasks that train on every pixel).
+    (1 with ``filtered=False``; ``None`` for tasks that have no filter).
     """
-    return task.distill_loss(student, targets)
+    return task.distill_loss(student, targets, confidence_filter=filtered)
 
 
 def task_order(tasks: Sequence[str], step: int) -> list[str]:
@@ -115,6 +119,9 @@ class TintingModule(SIMOModule):
         lr_tinted: Adam learning rate of the tinted layers.
         cache_teachers: compute the teachers' targets once per training sample (needs
             un-augmented training data; checked).
+        confidence_filter: segmentation trains only on the pixels where the teacher may be
+            trusted over the merged model (``true``, "Model Tinting++" of the released code) or
+            on every pixel (``false``, plain Model Tinting).
         **kwargs: the other :class:`SIMOModule` arguments (encoder, head, reference metrics,
             ...); its optimiser settings (``lr``, ``schedule``, ``probe_epochs`` ...) are
             accepted and unused: tinting has its own optimiser.
@@ -128,6 +135,7 @@ class TintingModule(SIMOModule):
         lr_coefficients: float = 1e-2,
         lr_tinted: float = 1e-2,
         cache_teachers: bool = True,
+        confidence_filter: bool = True,
         **kwargs: Any,
     ) -> None:
         if not 0.0 <= coefficient_init <= 1.0:
@@ -142,6 +150,7 @@ class TintingModule(SIMOModule):
         self.coefficient_init = coefficient_init
         self.lr_coefficients = lr_coefficients
         self.lr_tinted = lr_tinted
+        self.filtered = bool(confidence_filter)
         self.tint_heads = False
         self.layer_merge: LayerwiseMerge | None = None
         self.teacher_cache: SampleCache | None = (
@@ -314,7 +323,7 @@ class TintingModule(SIMOModule):
         for task in task_order(self.tasks, self.global_step):
             optimizer.zero_grad(set_to_none=True)
             pred = self.net.forward_heads(self.merged_features(images), [task])[task]
-            loss, kept = tint_loss(self.task_specs[task], pred, targets[task])
+            loss, kept = tint_loss(self.task_specs[task], pred, targets[task], self.filtered)
             self.manual_backward(loss)
             optimizer.step()
             self.layer_merge.clamp_()
