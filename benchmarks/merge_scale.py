@@ -8,7 +8,9 @@ run alone:
 
 * ``in-memory``: ``safetensors.torch.load_file`` every input, ``merge``, ``save_file``;
 * ``lazy``: ``LazyStateDict`` inputs, ``merge_lazily`` (row blocks of 1 M coordinates),
-  ``write_sharded`` (default 5 GB shards, so the whole output is still buffered once).
+  ``write_sharded`` with ``--max-shard-size`` (500 MB: the writer holds at most one shard, so
+  the output is never buffered whole; with Hugging Face's 5 GB default a ViT-L's 0.6 GB output
+  would be).
 
 Both write the merged model to disk; the timed region is load + merge + write. Peak RSS is the
 whole process's (Python and torch included, about 0.3 GB), as a machine has to provide it. After
@@ -81,7 +83,9 @@ def _sha(tensor: torch.Tensor) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def worker(mode: str, method: str, paths: list[Path], out: Path, threads: int) -> dict[str, object]:
+def worker(
+    mode: str, method: str, paths: list[Path], out: Path, threads: int, shard: str
+) -> dict[str, object]:
     from safetensors.torch import load_file, save_file
 
     from lightning_simo.merging import merge
@@ -102,7 +106,7 @@ def worker(mode: str, method: str, paths: list[Path], out: Path, threads: int) -
     else:
         theta0 = LazyStateDict(paths[0])
         finetuned = [LazyStateDict(p) for p in paths[1:]]
-        write_sharded(merge_lazily(theta0, finetuned, method, **options), out)
+        write_sharded(merge_lazily(theta0, finetuned, method, **options), out, shard)
     wall, cpu = time.perf_counter() - start, time.process_time() - cpu
     peak = _peak_rss_bytes()
     result = LazyStateDict(out)
@@ -119,9 +123,10 @@ def worker(mode: str, method: str, paths: list[Path], out: Path, threads: int) -
 
 
 def _run_worker(
-    mode: str, method: str, paths: list[Path], out: Path, threads: int
+    mode: str, method: str, paths: list[Path], out: Path, threads: int, shard: str
 ) -> dict[str, object]:
-    command = [sys.executable, __file__, "--threads", str(threads), "--worker", mode, method]
+    command = [sys.executable, __file__, "--threads", str(threads), "--max-shard-size", shard]
+    command += ["--worker", mode, method]
     command += [str(out), *map(str, paths)]
     done = subprocess.run(command, capture_output=True, text=True, check=False)
     if done.returncode != 0:
@@ -144,12 +149,16 @@ def main() -> None:
     parser.add_argument(
         "--threads", type=int, default=1, help="torch intra-op threads of each run (both modes)"
     )
+    parser.add_argument(
+        "--max-shard-size", default="500MB", help="shard size of the lazy run's output"
+    )
     parser.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         mode, method, out, *paths = args.worker
         paths = [Path(p) for p in paths]
-        print(json.dumps(worker(mode, method, paths, Path(out), args.threads)))
+        result = worker(mode, method, paths, Path(out), args.threads, args.max_shard_size)
+        print(json.dumps(result))
         return
 
     folder = Path(args.inputs or tempfile.mkdtemp(prefix="merge_scale_", dir=args.dir))
@@ -165,7 +174,7 @@ def main() -> None:
         print(
             f"{args.model}: {params / 1e6:.0f} M parameters, fp16 checkpoints of {size:.2f} GB; "
             f"ready in {time.perf_counter() - started:.0f} s in {folder}; {args.threads} "
-            "torch thread(s) per run"
+            f"torch thread(s) per run; lazy output in shards of {args.max_shard_size}"
         )
         header = (
             f"{'method':<16} {'N':>2} | {'peak RSS GB mem':>15} {'lazy':>6} | "
@@ -178,8 +187,9 @@ def main() -> None:
         for method in args.methods:
             for n in args.tasks:
                 inputs = paths[: n + 1]
-                mem = _run_worker("in-memory", method, inputs, folder / "out", args.threads)
-                lazy = _run_worker("lazy", method, inputs, folder / "out", args.threads)
+                run = (inputs, folder / "out", args.threads, args.max_shard_size)
+                mem = _run_worker("in-memory", method, *run)
+                lazy = _run_worker("lazy", method, *run)
                 same = mem["sha"] == lazy["sha"]
                 ratio = lazy["wall_s"] / mem["wall_s"]
                 lazy_peak[method, n] = lazy["peak_rss"] / 1e9

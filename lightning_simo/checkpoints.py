@@ -24,13 +24,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from lightning.pytorch.plugins.io import TorchCheckpointIO
 from torch import Tensor
 
 from lightning_simo.io import atomic_write
 
 __all__ = [
-    "AtomicCheckpointIO",
     "CheckpointError",
     "encoder_state_dict",
     "extract_prefix",
@@ -301,29 +299,6 @@ def save_state_dict_atomic(state_dict: Mapping[str, Tensor], path: str | os.Path
     leave a renamed but empty file.
     """
     _save_atomic(dict(state_dict), Path(path))
-
-
-class AtomicCheckpointIO(TorchCheckpointIO):
-    """Lightning's checkpoint I/O, made atomic and safe.
-
-    Lightning's own writer truncates the destination before writing it, so a full disk or a
-    file-size limit while saving ``last.ckpt`` destroys the previous, valid one. Here every save
-    goes to a temporary file renamed over the destination once complete (a failure is one
-    :class:`~lightning_simo.io.OutputWriteError` and the old file stays), and every load goes
-    through the suite's reader (``weights_only``, one-line diagnosis of bad files).
-    """
-
-    def save_checkpoint(
-        self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None
-    ) -> None:
-        if storage_options is not None:
-            raise TypeError("AtomicCheckpointIO does not take storage_options")
-        _save_atomic(checkpoint, Path(path))
-
-    def load_checkpoint(
-        self, path: Any, map_location: Any | None = None, weights_only: bool | None = None
-    ) -> dict[str, Any]:
-        return read_checkpoint(path)
 
 
 def file_sha256(path: str | os.PathLike[str], chunk_size: int = 1 << 20) -> str:

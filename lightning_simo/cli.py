@@ -30,8 +30,8 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from lightning_simo.callbacks.guard import NonFiniteLossError
 from lightning_simo.callbacks.merge import MergeCallback
+from lightning_simo.checkpoint_io import AtomicCheckpointIO
 from lightning_simo.checkpoints import (
-    AtomicCheckpointIO,
     CheckpointError,
     head_state_dicts,
     read_checkpoint,

@@ -15,7 +15,8 @@ import pytest
 import torch
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from lightning_simo.checkpoints import AtomicCheckpointIO, read_checkpoint
+from lightning_simo.checkpoint_io import AtomicCheckpointIO
+from lightning_simo.checkpoints import read_checkpoint
 from lightning_simo.interruption import (
     RunInterrupted,
     exit_status,
