@@ -24,6 +24,7 @@ def tiny_settings(out: Path, **overrides) -> StudySettings:
     configs = {k: str(REPO / v) for k, v in StudySettings().configs.items()}
     settings = StudySettings(
         out=str(out),
+        seeds=1,
         configs=configs,
         data={
             "num_train": 16,
