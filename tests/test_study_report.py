@@ -193,3 +193,22 @@ def test_the_search_key_ignores_the_labelled_budget_of_the_trained_split():
     assert _describe(full, searched_split_is_trained=True) != _describe(
         part, searched_split_is_trained=True
     )
+
+
+# ----------------------------------------------------------------------------- encoder passes
+def test_encoder_pass_counter_counts_training_and_validation_not_the_test(tmp_path):
+    from conftest import cpu_trainer, tiny_datamodule, tiny_module
+
+    from lightning_simo.callbacks.costs import EncoderPassCounter, read_encoder_passes
+
+    dm = tiny_datamodule(["depth"])  # 16 train, 8 val, 8 test scenes
+    module = tiny_module(["depth"], probe_epochs=1)
+    trainer = cpu_trainer(tmp_path, max_epochs=2, callbacks=[EncoderPassCounter()])
+    trainer.fit(module, datamodule=dm)
+    fit = read_encoder_passes(tmp_path, by_function=True)["fit"]
+    # 2 epochs x (16 train + 8 val) forwards; backward only in epoch 2 (epoch 1: linear probe)
+    assert fit == {"forward": 48, "backward": 16}
+    test = cpu_trainer(tmp_path, callbacks=[EncoderPassCounter()])
+    test.test(module, datamodule=dm)
+    assert read_encoder_passes(tmp_path, by_function=True)["test"] == {"forward": 0, "backward": 0}
+    assert read_encoder_passes(tmp_path) == {"forward": 48, "backward": 16}

@@ -8,8 +8,8 @@ search of the MergeCallback) and the image-rows of every backward that reaches t
 output (a jacobian of T task rows counts T per image), and writes them to
 ``<default_root_dir>/encoder_passes.json`` under the trainer function (``fit`` / ``test``).
 
-The test loop itself is not counted: every method is tested on the same images, so it adds the
-same to all. A backward is seen through a hook on the deepest feature level, so features that are
+The test loop and the sanity check are not counted: every method is tested on the same images,
+and a resumed fit checks again. A backward is seen through a hook on the deepest feature level, so features that are
 detached (a linear probe epoch, head re-alignment on a frozen encoder) count no backward.
 Counts are kept in checkpoints, so a resumed fit continues them.
 """
@@ -50,13 +50,14 @@ class EncoderPassCounter(L.Callback):
     def __init__(self) -> None:
         self.forward = 0
         self.backward = 0
-        self._testing = False
+        self._paused = False
+        self._restored = (0, 0)
         self._handle: Any = None
         self._world = 1
 
     # ------------------------------------------------------------------ hooks on the encoder
     def _on_forward(self, module: torch.nn.Module, inputs: Any, output: Any) -> None:
-        if self._testing or not inputs:
+        if self._paused or not inputs:
             return
         images = inputs[0]
         batch = int(images.shape[0]) if isinstance(images, Tensor) and images.dim() > 0 else 0
@@ -85,24 +86,35 @@ class EncoderPassCounter(L.Callback):
             self._write(Path(trainer.default_root_dir), stage)
 
     def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._testing = True
+        self._paused = True
 
     def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._testing = False
+        self._paused = False
+
+    def on_sanity_check_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._paused = True  # a resumed fit checks again: not counted, so resuming adds nothing
+
+    def on_sanity_check_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._paused = False
 
     # ------------------------------------------------------------------ records
     def _write(self, folder: Path, stage: str) -> None:
         path = folder / ENCODER_PASSES_FILE
         record = read_encoder_passes(folder, by_function=True)
-        record[stage] = {"forward": self.forward, "backward": self.backward}
+        # a test restores the fit's counts from its checkpoint: they are the fit's, not its own
+        forward, backward = self.forward, self.backward
+        if stage != "fit":
+            forward, backward = forward - self._restored[0], backward - self._restored[1]
+        record[stage] = {"forward": forward, "backward": backward}
         atomic_write_text(path, json.dumps(record, indent=2) + "\n")
 
     def state_dict(self) -> dict[str, Any]:
         return {"forward": self.forward, "backward": self.backward}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.forward = int(state_dict.get("forward", 0))
-        self.backward = int(state_dict.get("backward", 0))
+        self._restored = (int(state_dict.get("forward", 0)), int(state_dict.get("backward", 0)))
+        self.forward += self._restored[0]
+        self.backward += self._restored[1]
 
 
 def read_encoder_passes(folder: str | Path, by_function: bool = False) -> dict[str, Any]:
