@@ -672,6 +672,8 @@ class _Progress:
         if record.get("status") == "done" and seconds > 0.5:
             self.durations.append(seconds)
             rule = f", stopped by {record['stopped_by']}" if record.get("stopped_by") else ""
+            if record.get("epochs") is not None:
+                rule += f" after {record['epochs']} epoch(s)"
             rank_zero_info(f"{label} done in {_duration(seconds)}{rule}")
 
 
