@@ -212,3 +212,23 @@ def test_encoder_pass_counter_counts_training_and_validation_not_the_test(tmp_pa
     test.test(module, datamodule=dm)
     assert read_encoder_passes(tmp_path, by_function=True)["test"] == {"forward": 0, "backward": 0}
     assert read_encoder_passes(tmp_path) == {"forward": 48, "backward": 16}
+
+
+def test_evaluation_features_are_cached_per_loop_for_a_frozen_encoder():
+    from conftest import tiny_encoder
+
+    from lightning_simo.callbacks.realign import EvalFeatureCaches
+    from lightning_simo.models.encoders import Encoder, EncoderConfig
+
+    encoder = Encoder(EncoderConfig.coerce(tiny_encoder())).eval()
+    caches = EvalFeatureCaches(encoder)
+    val, test = torch.rand(4, 3, 32, 40), torch.rand(4, 3, 32, 40)
+    index = torch.arange(4)
+    for _ in range(2):  # two validation epochs: the encoder runs once
+        got = caches({"image": val, "index": index}, "validate")
+    served = caches({"image": test, "index": index}, "test")  # same indices, other images
+    assert caches.caches["validate"].misses == 4 and caches.caches["validate"].hits == 4
+    with torch.no_grad():
+        for out, images in ((got, val), (served, test)):
+            for a, b in zip(out.features, encoder(images).features, strict=True):
+                assert torch.allclose(a, b, atol=1e-6)
