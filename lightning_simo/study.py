@@ -4,8 +4,13 @@
 single-task fine-tuning, merging (α searched on val), re-alignment, joint MTL and the test of every
 model. Each stage is an ordinary ``lightning_simo fit`` / ``test`` of the configs users run by hand
 (called in-process, so there is no second code path); a stage whose outputs are complete is
-skipped on a rerun (``--force`` redoes everything). The run folder ends with ``results.md``,
-``results.csv``, figures and the TensorBoard logs of every stage.
+skipped on a rerun (``--force`` redoes everything). The run folder ends with ``results.md``
+(mean ± std and t-intervals over the seeds, then the paper's claims checked), ``results.csv``,
+``stages.csv`` (every stage's stopping rule, epochs and wall time), figures and the TensorBoard
+logs of every stage; :mod:`lightning_simo.study_report` writes them.
+
+The plan is one builder per stage family (:data:`STAGE_FAMILIES`), each writing its commands
+through :class:`Overrides`, so every ``--key=value`` is written once.
 """
 
 from __future__ import annotations
