@@ -208,8 +208,9 @@ def test_encoder_pass_counter_counts_training_and_validation_not_the_test(tmp_pa
     fit = read_encoder_passes(tmp_path, by_function=True)["fit"]
     # 2 epochs x (16 train + 8 val) forwards; backward only in epoch 2 (epoch 1: linear probe)
     assert fit == {"forward": 48, "backward": 16}
+    trainer.save_checkpoint(tmp_path / "last.ckpt")  # carries the counter's state
     test = cpu_trainer(tmp_path, callbacks=[EncoderPassCounter()])
-    test.test(module, datamodule=dm)
+    test.test(module, datamodule=dm, ckpt_path=tmp_path / "last.ckpt")
     assert read_encoder_passes(tmp_path, by_function=True)["test"] == {"forward": 0, "backward": 0}
     assert read_encoder_passes(tmp_path) == {"forward": 48, "backward": 16}
 
