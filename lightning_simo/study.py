@@ -4,18 +4,24 @@
 single-task fine-tuning, merging (α searched on val), re-alignment, joint MTL and the test of every
 model. Each stage is an ordinary ``lightning_simo fit`` / ``test`` of the configs users run by hand
 (called in-process, so there is no second code path); a stage whose outputs are complete is
-skipped on a rerun (``--force`` redoes everything). The run folder ends with ``results.md``,
-``results.csv``, figures and the TensorBoard logs of every stage.
+skipped on a rerun (``--force`` redoes everything). The run folder ends with ``results.md``
+(mean ± std and t-intervals over the seeds, then the paper's claims checked), ``results.csv``,
+``stages.csv`` (every stage's stopping rule, epochs and wall time), figures and the TensorBoard
+logs of every stage; :mod:`lightning_simo.study_report` writes them.
+
+The plan is one builder per stage family (:data:`STAGE_FAMILIES`), each writing its commands
+through :class:`Overrides`, so every ``--key=value`` is written once.
 """
 
 from __future__ import annotations
 
+import csv
+import io
 import json
-import math
 import statistics
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,6 +29,7 @@ from typing import Any
 from jsonargparse import ArgumentParser
 from lightning.pytorch.utilities import rank_zero_info
 
+from lightning_simo.callbacks.costs import read_encoder_passes
 from lightning_simo.checkpoints import read_checkpoint
 from lightning_simo.interruption import (
     RunInterrupted,
@@ -31,9 +38,18 @@ from lightning_simo.interruption import (
     signal_name,
     sigterm_stops_between_runs,
 )
-from lightning_simo.io import RunLock, atomic_write, atomic_write_text, ensure_writable_dir
+from lightning_simo.io import RunLock, atomic_write_text, ensure_writable_dir
+from lightning_simo.study_report import summarise, table_columns, write_figures, write_tables
 
-__all__ = ["Stage", "StageError", "StudySettings", "main", "plan_stages", "run_study"]
+__all__ = [
+    "Overrides",
+    "Stage",
+    "StageError",
+    "StudySettings",
+    "main",
+    "plan_stages",
+    "run_study",
+]
 
 DONE_FILE = "stage.json"
 
@@ -47,32 +63,43 @@ class StudySettings:
     """What the study runs; every field can be overridden on the command line.
 
     Args:
-        out: the run folder (one sub-folder per stage and seed).
+        out: the run folder (one sub-folder per seed and stage).
         tasks: the tasks to fine-tune, merge and compare.
-        seeds: run everything with seeds 0..N-1 and report mean ± std.
+        seeds: run everything with seeds 0..N-1; every number is reported as mean ± std with a
+            t-interval (one seed: the values alone).
+        confidence: level of the t-intervals.
         force: redo stages whose outputs are complete.
         configs: the stage configs (the same files users run by hand).
         data: datamodule overrides applied to every task stage (sizes of the synthetic splits).
+        data_seed: seed of the scenes and of the labelled subsets, the same for every run seed
+            (seeds then differ in initialisation, shuffling, augmentation and dropout, and the
+            rendered scenes are shared); ``None``: each run seed draws its own data.
+        shared_foundation: pretrain θ0 once for all seeds (the paper's single foundation model)
+            instead of once per seed.
         foundation_images: number of synthetic scenes for foundation pretraining.
-        foundation_epochs: epochs of foundation pretraining.
-        single_task_epochs: epochs of each single-task fine-tune (the first is a linear probe).
+        foundation_epochs: the cap on foundation epochs (its config stops earlier on a plateau).
+        single_task_epochs: the cap on single-task epochs (each stops on a plateau of its val
+            loss first; the first epoch is a linear probe).
         merge_methods: merging methods evaluated without re-alignment.
         method_options: per-method options (``density``, ``drop_rate`` ...).
         search_grids: per-method α grids (default 0, 0.1, ..., 1).
-        realign_modes: re-alignment modes (heads, adapters, tinting).
+        realign_modes: re-alignment modes of the first method of ``realign_methods``.
         realign_methods: merging methods that are re-aligned.
-        realign_epochs: epochs of each re-alignment.
+        secondary_realign_modes: modes for the other methods of ``realign_methods`` (``None``:
+            ``realign_modes`` without tinting).
+        realign_epochs: epochs of each re-alignment (a fixed schedule, as in the paper).
         budgets: fractions of the labelled re-alignment split for the sample-efficiency curve
-            (head re-alignment of task arithmetic; 1.0 is the main run).
+            (head re-alignment of the first re-aligned method; 1.0 is the main run).
         mtl_weightings: joint-MTL weightings trained for comparison.
-        mtl_epochs: epochs of each joint-MTL run.
+        mtl_epochs: the cap on joint-MTL epochs (same plateau rule as the single-task models).
         accelerator: Lightning accelerator for every stage.
-        extra_args: more overrides passed to every task stage.
+        extra_args: more overrides passed to every task stage (last, so they win).
     """
 
     out: str = "runs/synthetic/study"
     tasks: list[str] = field(default_factory=lambda: ["segmentation", "depth", "normals"])
-    seeds: int = 1
+    seeds: int = 3
+    confidence: float = 0.95
     force: bool = False
     configs: dict[str, str] = field(
         default_factory=lambda: {
@@ -86,9 +113,11 @@ class StudySettings:
     data: dict[str, Any] = field(
         default_factory=lambda: {"num_train": 1500, "num_val": 250, "num_test": 250}
     )
+    data_seed: int | None = 0
+    shared_foundation: bool = True
     foundation_images: int = 2000
     foundation_epochs: int = 3
-    single_task_epochs: int = 3
+    single_task_epochs: int = 30
     merge_methods: list[str] = field(
         default_factory=lambda: ["average", "task_arithmetic", "ties", "dare"]
     )
@@ -100,10 +129,11 @@ class StudySettings:
     )
     realign_modes: list[str] = field(default_factory=lambda: ["heads", "adapters", "tinting"])
     realign_methods: list[str] = field(default_factory=lambda: ["task_arithmetic", "ties"])
+    secondary_realign_modes: list[str] | None = None
     realign_epochs: int = 10
     budgets: list[float] = field(default_factory=lambda: [0.05, 0.1, 0.25, 0.5])
     mtl_weightings: list[str] = field(default_factory=lambda: ["equal", "uncertainty", "gradnorm"])
-    mtl_epochs: int = 4
+    mtl_epochs: int = 30
     accelerator: str = "auto"
     extra_args: list[str] = field(default_factory=list)
 
@@ -124,192 +154,268 @@ class Stage:
         return self.folder / DONE_FILE
 
 
-def _yaml(value: Any) -> str:
+# ----------------------------------------------------------------------------- planning
+def _cli_value(value: Any) -> str:
+    """A value as the CLI reads it: strings and paths as written, everything else as JSON
+    (which is YAML: lists, mappings, numbers, booleans, null)."""
+    if isinstance(value, (str, Path)):
+        return str(value)
     return json.dumps(value)
 
 
-def _trained(
+@dataclass(frozen=True)
+class Overrides:
+    """The arguments of one stage command: a config file and ``--key=value`` overrides.
+
+    ``values`` maps dotted keys (``trainer.max_epochs``) to plain values; a later ``with_``
+    replaces a key rather than repeating it, so no argument is written and then overridden.
+    """
+
+    config: str
+    values: Mapping[str, Any] = field(default_factory=dict)
+    extra: tuple[str, ...] = ()
+
+    def with_(self, values: Mapping[str, Any]) -> Overrides:
+        return Overrides(self.config, {**self.values, **values}, self.extra)
+
+    def args(self) -> list[str]:
+        body = [f"--{key}={_cli_value(value)}" for key, value in self.values.items()]
+        return ["--config", self.config, *body, *self.extra]
+
+
+@dataclass(frozen=True)
+class _Seed:
+    """What every stage builder of one seed needs: settings, folders, shared overrides."""
+
+    settings: StudySettings
+    seed: int
+
+    @property
+    def root(self) -> Path:
+        return Path(self.settings.out) / f"seed_{self.seed}"
+
+    @property
+    def foundation(self) -> Path:
+        if self.settings.shared_foundation:
+            return Path(self.settings.out) / "foundation"
+        return self.root / "foundation"
+
+    def single_task_folder(self, task: str) -> Path:
+        return self.root / "single_task" / task
+
+    def base(self, config: str, folder: Path) -> Overrides:
+        values = {
+            "seed_everything": self.seed,
+            "trainer.accelerator": self.settings.accelerator,
+            "trainer.default_root_dir": folder,
+        }
+        return Overrides(config, values, tuple(self.settings.extra_args))
+
+    def task_stage(self, config: str, folder: Path, tasks: Sequence[str]) -> Overrides:
+        """A stage on the task data, starting from the foundation encoder."""
+        s = self.settings
+        data = {f"data.{k}": v for k, v in s.data.items()}
+        data["data.seed"] = self.seed if s.data_seed is None else s.data_seed
+        data["data.tasks"] = list(tasks)
+        data["model.encoder.checkpoint"] = self.foundation / "checkpoints" / "last.ckpt"
+        return self.base(config, folder).with_(data)
+
+    @property
+    def references(self) -> list[str]:
+        return [str(self.single_task_folder(t) / "test_metrics.json") for t in self.settings.tasks]
+
+    def merge_stage(self, method: str, realign: str, folder: Path, config: str) -> Overrides:
+        s = self.settings
+        values: dict[str, Any] = {
+            "merge.checkpoints": {
+                t: str(self.single_task_folder(t) / "checkpoints" / "best.ckpt") for t in s.tasks
+            },
+            "model.reference_metrics": self.references,
+            "merge.method": method,
+            "merge.realign": realign,
+            # one cache for the whole study: a search repeated by a re-alignment or budget stage
+            # (same sources, method, options and val data) is a lookup
+            "merge.search_cache": Path(s.out) / "alpha_search.json",
+        }
+        if method in s.method_options:
+            values["merge.method_options"] = s.method_options[method]
+        if method in s.search_grids:
+            values["merge.search_grid"] = s.search_grids[method]
+        return self.task_stage(config, folder, s.tasks).with_(values)
+
+
+def _fit_test(
     name: str,
     folder: Path,
-    args: list[str],
-    epochs: int,
+    overrides: Overrides,
+    max_epochs: int,
     checkpoint: str,
     row: dict[str, Any],
     requires: str | None = None,
 ) -> Stage:
-    """A stage that fits for ``epochs`` and then tests its ``checkpoint`` (best / last)."""
-    return Stage(
-        name,
-        folder,
-        [*args, f"--trainer.max_epochs={epochs}"],
-        [*args, f"--ckpt_path={folder / 'checkpoints' / checkpoint}"],
-        row,
-        requires=requires,
+    """A stage that fits (at most ``max_epochs``) and then tests its ``checkpoint``."""
+    fit = overrides.with_({"trainer.max_epochs": max_epochs}).args()
+    test = overrides.with_({"ckpt_path": folder / "checkpoints" / checkpoint}).args()
+    return Stage(name, folder, fit, test, row, requires=requires)
+
+
+def foundation_stages(p: _Seed) -> list[Stage]:
+    """θ0: once per study when shared (planned with seed 0), else once per seed."""
+    s = p.settings
+    if s.shared_foundation and p.seed != 0:
+        return []
+    data_seed = p.seed if s.data_seed is None or not s.shared_foundation else s.data_seed
+    overrides = p.base(s.configs["foundation"], p.foundation).with_(
+        {
+            "seed_everything": 0 if s.shared_foundation else p.seed,
+            "trainer.max_epochs": s.foundation_epochs,
+            "data.num_train": s.foundation_images,
+            "data.seed": 1000 + data_seed,  # other scenes than the task data
+        }
     )
+    return [Stage("foundation", p.foundation, overrides.args(), None)]
 
 
-def plan_stages(s: StudySettings, seed: int) -> list[Stage]:
-    """Every stage of one seed, in dependency order."""
-    root = Path(s.out) / f"seed_{seed}"
-    cfg = s.configs
-    common = [f"--seed_everything={seed}", f"--trainer.accelerator={s.accelerator}", *s.extra_args]
-    data = [f"--data.{k}={_yaml(v)}" for k, v in s.data.items()] + [f"--data.seed={seed}"]
-    found = root / "foundation"
-    encoder = [f"--model.encoder.checkpoint={found / 'checkpoints' / 'last.ckpt'}"]
+def single_task_stages(p: _Seed) -> list[Stage]:
+    """One fine-tune per task, to a plateau of its val loss, tested on its best checkpoint."""
+    s = p.settings
+    return [
+        _fit_test(
+            f"single_task/{task}",
+            p.single_task_folder(task),
+            p.task_stage(s.configs["single_task"], p.single_task_folder(task), [task]),
+            s.single_task_epochs,
+            "best.ckpt",
+            {"method": f"single-task ({task})", "group": "single-task", "task": task},
+        )
+        for task in s.tasks
+    ]
+
+
+def merge_stages(p: _Seed) -> list[Stage]:
+    """θ0 with the fine-tuned heads (λ = 0), then each merging method, tested without training."""
+    s = p.settings
+    zero = p.root / "merge" / "theta0-heads"
     stages = [
-        Stage(
-            "foundation",
-            found,
-            [
-                "--config",
-                cfg["foundation"],
-                *common,
-                f"--trainer.default_root_dir={found}",
-                f"--trainer.max_epochs={s.foundation_epochs}",
-                f"--data.num_train={s.foundation_images}",
-                f"--data.seed={1000 + seed}",
-            ],
-            None,
-        )
-    ]
-    single = {t: root / "single_task" / t for t in s.tasks}
-    for task, folder in single.items():
-        args = [
-            "--config",
-            cfg["single_task"],
-            *common,
-            *data,
-            *encoder,
-            f"--data.tasks={_yaml([task])}",
-            f"--trainer.default_root_dir={folder}",
-        ]
-        stages.append(
-            _trained(
-                f"single_task/{task}",
-                folder,
-                args,
-                s.single_task_epochs,
-                "best.ckpt",
-                {"method": f"single-task ({task})", "group": "single-task", "task": task},
-            )
-        )
-    checkpoints = {t: str(f / "checkpoints" / "best.ckpt") for t, f in single.items()}
-    references = [str(f / "test_metrics.json") for f in single.values()]
-    merge_common = [
-        *common,
-        *data,
-        *encoder,
-        f"--data.tasks={_yaml(s.tasks)}",
-        f"--merge.checkpoints={_yaml(checkpoints)}",
-        f"--model.reference_metrics={_yaml(references)}",
-    ]
-
-    def merge_args(method: str, realign: str, folder: Path, config: str) -> list[str]:
-        args = [
-            "--config",
-            config,
-            *merge_common,
-            f"--merge.method={method}",
-            f"--merge.realign={realign}",
-            f"--trainer.default_root_dir={folder}",
-        ]
-        if method in s.method_options:
-            args.append(f"--merge.method_options={_yaml(s.method_options[method])}")
-        if method in s.search_grids:
-            args.append(f"--merge.search_grid={_yaml(s.search_grids[method])}")
-        return args
-
-    zero = root / "merge" / "theta0-heads"
-    stages.append(
         Stage(
             "merge/theta0-heads",
             zero,
             None,
-            [*merge_args("task_arithmetic", "none", zero, cfg["merge"]), "--merge.scaling=0"],
+            p.merge_stage("task_arithmetic", "none", zero, s.configs["merge"])
+            .with_({"merge.scaling": 0})
+            .args(),
             {"method": "θ0 + fine-tuned heads", "group": "reference"},
         )
-    )
+    ]
     for method in s.merge_methods:
-        folder = root / "merge" / f"{method}-none"
+        folder = p.root / "merge" / f"{method}-none"
+        overrides = p.merge_stage(method, "none", folder, s.configs["merge"])
+        row = {"method": method, "group": "merge"}
+        stages.append(Stage(f"merge/{method}", folder, None, overrides.args(), row))
+    return stages
+
+
+def _realign_pairs(s: StudySettings) -> list[tuple[str, str]]:
+    secondary = s.secondary_realign_modes
+    if secondary is None:
+        secondary = [m for m in s.realign_modes if m != "tinting"]
+    return [
+        (method, mode)
+        for i, method in enumerate(s.realign_methods)
+        for mode in (s.realign_modes if i == 0 else secondary)
+    ]
+
+
+def realign_stages(p: _Seed) -> list[Stage]:
+    """Each re-aligned (method, mode) pair on the val split, for ``realign_epochs``."""
+    s = p.settings
+    stages = []
+    for method, mode in _realign_pairs(s):
+        folder = p.root / "merge" / f"{method}-{mode}"
+        config = s.configs["tinting"] if mode == "tinting" else s.configs["merge"]
+        row = {
+            "method": f"{method} + {mode} re-align",
+            "group": f"realign-{mode}",
+            "labelled": mode != "tinting",
+        }
+        overrides = p.merge_stage(method, mode, folder, config)
         stages.append(
-            Stage(
-                f"merge/{method}",
+            _fit_test(
+                f"merge/{method}-{mode}",
                 folder,
-                None,
-                merge_args(method, "none", folder, cfg["merge"]),
-                {"method": method, "group": "merge"},
-            )
-        )
-    for method in s.realign_methods:
-        for mode in s.realign_modes:
-            folder = root / "merge" / f"{method}-{mode}"
-            config = cfg["tinting"] if mode == "tinting" else cfg["merge"]
-            args = merge_args(method, mode, folder, config)
-            if mode == "tinting" and method != s.realign_methods[0]:
-                continue
-            stages.append(
-                _trained(
-                    f"merge/{method}-{mode}",
-                    folder,
-                    args,
-                    s.realign_epochs,
-                    "last.ckpt",
-                    {
-                        "method": f"{method} + {mode} re-align",
-                        "group": f"realign-{mode}",
-                        "labelled": mode != "tinting",
-                    },
-                    requires=config,
-                )
-            )
-    if "heads" in s.realign_modes and s.realign_methods:
-        method = s.realign_methods[0]
-        for budget in s.budgets:
-            folder = root / "budget" / f"{method}-heads-{budget:g}"
-            args = [
-                *merge_args(method, "heads", folder, cfg["merge"]),
-                f"--data.train_budget={budget}",
-            ]
-            stages.append(
-                _trained(
-                    f"budget/{budget:g}",
-                    folder,
-                    args,
-                    s.realign_epochs,
-                    "last.ckpt",
-                    {
-                        "method": f"{method} + heads ({budget:.0%} labels)",
-                        "group": "budget",
-                        "budget": budget,
-                        "labelled": True,
-                    },
-                )
-            )
-    for weighting in s.mtl_weightings:
-        folder = root / "mtl" / weighting
-        args = [
-            "--config",
-            cfg["mtl"],
-            *common,
-            *data,
-            *encoder,
-            f"--data.tasks={_yaml(s.tasks)}",
-            f"--model.weighting={weighting}",
-            f"--model.reference_metrics={_yaml(references)}",
-            f"--trainer.default_root_dir={folder}",
-        ]
-        stages.append(
-            _trained(
-                f"mtl/{weighting}",
-                folder,
-                args,
-                s.mtl_epochs,
-                "best.ckpt",
-                {"method": f"joint MTL ({weighting})", "group": "mtl", "labelled": True},
-                requires=cfg["mtl"],
+                overrides,
+                s.realign_epochs,
+                "last.ckpt",
+                row,
+                requires=config,
             )
         )
     return stages
+
+
+def budget_stages(p: _Seed) -> list[Stage]:
+    """Head re-alignment of the first re-aligned method on fractions of the labelled split."""
+    s = p.settings
+    if "heads" not in s.realign_modes or not s.realign_methods:
+        return []
+    method = s.realign_methods[0]
+    stages = []
+    for budget in s.budgets:
+        folder = p.root / "budget" / f"{method}-heads-{budget:g}"
+        overrides = p.merge_stage(method, "heads", folder, s.configs["merge"]).with_(
+            {"data.train_budget": budget}
+        )
+        row = {
+            "method": f"{method} + heads ({budget:.0%} labels)",
+            "group": "budget",
+            "budget": budget,
+            "labelled": True,
+        }
+        stages.append(
+            _fit_test(f"budget/{budget:g}", folder, overrides, s.realign_epochs, "last.ckpt", row)
+        )
+    return stages
+
+
+def mtl_stages(p: _Seed) -> list[Stage]:
+    """Joint MTL per weighting, with the single-task models' stopping rule."""
+    s = p.settings
+    stages = []
+    for weighting in s.mtl_weightings:
+        folder = p.root / "mtl" / weighting
+        overrides = p.task_stage(s.configs["mtl"], folder, s.tasks).with_(
+            {"model.weighting": weighting, "model.reference_metrics": p.references}
+        )
+        row = {"method": f"joint MTL ({weighting})", "group": "mtl", "labelled": True}
+        stages.append(
+            _fit_test(
+                f"mtl/{weighting}",
+                folder,
+                overrides,
+                s.mtl_epochs,
+                "best.ckpt",
+                row,
+                requires=s.configs["mtl"],
+            )
+        )
+    return stages
+
+
+STAGE_FAMILIES = (
+    foundation_stages,
+    single_task_stages,
+    merge_stages,
+    realign_stages,
+    budget_stages,
+    mtl_stages,
+)
+"""The stage builders, in dependency order."""
+
+
+def plan_stages(s: StudySettings, seed: int) -> list[Stage]:
+    """Every stage of one seed, in dependency order (the shared foundation only in seed 0)."""
+    plan = _Seed(s, seed)
+    return [stage for family in STAGE_FAMILIES for stage in family(plan)]
 
 
 class _StageFailed(Exception):
@@ -443,6 +549,9 @@ def run_stage(
                     " max_steps or early stopping reached); rerun the study to redo it."
                 )
             record["stopped_by"] = rule
+            trainer = getattr(result, "trainer", None)
+            if trainer is not None:
+                record["epochs"] = int(trainer.current_epoch)
         if command == "test" and result is not None and not _complete_metrics(stage, began):
             save("failed", during=command)
             raise StageError(
@@ -452,142 +561,76 @@ def run_stage(
     return save("done")
 
 
-def _trainable(metrics: dict[str, Any]) -> float | None:
-    value = metrics.get("trainable_params")
-    return None if value is None else float(value)
-
-
 def collect_row(stage: Stage, record: dict, settings: StudySettings) -> dict[str, Any] | None:
-    """One results-table row from a stage's ``test_metrics.json`` and checkpoint."""
+    """One results-table row from a stage's ``test_metrics.json``, checkpoint and records.
+
+    Costs: ``epochs`` trained, ``optimizer_steps`` (the last checkpoint's step),
+    ``labelled_samples`` (distinct labelled images the stage trained on), encoder
+    ``encoder_forward`` / ``encoder_backward`` images (fit and α search, not the test loop;
+    :mod:`lightning_simo.callbacks.costs`) and the stage's wall time.
+    """
     if stage.test is None or record.get("status") == "skipped":
         return None
     payload = _read_json(stage.folder / "test_metrics.json")
-    metrics = payload.get("metrics", {})
     row: dict[str, Any] = {k: v for k, v in stage.row.items() if k != "labelled"}
-    row.update(metrics)
+    row.update(payload.get("metrics", {}))
     row["trainable_params"] = payload.get("trainable_params")
+    row["epochs"] = record.get("epochs", _checkpoint_epochs(stage.folder)) if stage.fit else 0
     row["optimizer_steps"] = _checkpoint_step(stage.folder) if stage.fit else 0
-    n_train = int(settings.data.get("num_train", 0))
-    n_val = int(settings.data.get("num_val", 0))
-    if stage.row.get("group") == "single-task" or stage.row.get("group") == "mtl":
-        row["labelled_samples"] = n_train
+    group = stage.row.get("group")
+    if group in ("single-task", "mtl"):
+        row["labelled_samples"] = int(settings.data.get("num_train", 0))
     elif stage.row.get("labelled"):
         budget = stage.row.get("budget", 1.0)
-        row["labelled_samples"] = max(1, round(budget * n_val))
+        row["labelled_samples"] = max(1, round(budget * int(settings.data.get("num_val", 0))))
     else:
         row["labelled_samples"] = 0
+    passes = read_encoder_passes(stage.folder)
+    row["encoder_forward"] = passes.get("forward")
+    row["encoder_backward"] = passes.get("backward")
     row["wall_time_s"] = record.get("wall_time_s")
     return row
 
 
+def _checkpoint_epochs(folder: Path) -> int | None:
+    path = folder / "checkpoints" / "last.ckpt"
+    return int(read_checkpoint(path).get("epoch", 0)) + 1 if path.is_file() else None
+
+
+ADDITIVE = (
+    "trainable_params",
+    "epochs",
+    "optimizer_steps",
+    "encoder_forward",
+    "encoder_backward",
+    "wall_time_s",
+)
+
+
 def _single_task_row(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The single-task models as one method: every task's metrics, the costs of all of them
+    (labelled samples: the one shared training split)."""
     merged: dict[str, Any] = {"method": "single-task models", "group": "single-task"}
     for row in rows:
-        for key, value in row.items():
-            if "/" in key:
-                merged[key] = value
+        merged.update({k: v for k, v in row.items() if "/" in k})
     merged["delta_mtl_ratio"] = 0.0
     merged["delta_mtl_difference"] = 0.0
-    merged["trainable_params"] = sum(r.get("trainable_params") or 0 for r in rows)
-    merged["optimizer_steps"] = sum(r.get("optimizer_steps") or 0 for r in rows)
+    for key in ADDITIVE:
+        values = [r.get(key) for r in rows]
+        merged[key] = None if any(v is None for v in values) else sum(values)
     merged["labelled_samples"] = max((r.get("labelled_samples") or 0) for r in rows)
-    merged["wall_time_s"] = sum(r.get("wall_time_s") or 0 for r in rows)
     return merged
 
 
-SUMMARY_COLUMNS = ("method", "delta_mtl_ratio", "delta_mtl_difference")
-COST_COLUMNS = ("trainable_params", "optimizer_steps", "labelled_samples", "wall_time_s")
-
-
-def summarise(per_seed: list[list[dict[str, Any]]], tasks: Sequence[str]) -> list[dict[str, Any]]:
-    """Mean (and ± std over seeds) of every numeric column, one row per method."""
-    by_method: dict[str, list[dict[str, Any]]] = {}
-    order: list[str] = []
-    for rows in per_seed:
-        for row in rows:
-            if row["method"] not in by_method:
-                order.append(row["method"])
-            by_method.setdefault(row["method"], []).append(row)
-    out = []
-    for method in order:
-        rows = by_method[method]
-        agg: dict[str, Any] = {"method": method, "group": rows[0].get("group")}
-        keys = [k for k in rows[0] if k not in ("method", "group", "task")]
-        for key in keys:
-            values = [r.get(key) for r in rows if isinstance(r.get(key), (int, float))]
-            values = [v for v in values if not (isinstance(v, float) and math.isnan(v))]
-            if not values:
-                continue
-            agg[key] = statistics.fmean(values)
-            if len(values) > 1:
-                agg[f"{key}_std"] = statistics.stdev(values)
-        out.append(agg)
-    return out
-
-
-def table_columns(rows: list[dict[str, Any]], tasks: Sequence[str]) -> list[str]:
-    metric_cols = sorted(
-        {k for r in rows for k in r if "/" in k and not k.endswith("_std")},
-        key=lambda k: (tasks.index(k.split("/")[0]) if k.split("/")[0] in tasks else 99, k),
-    )
-    normalized = [c for c in metric_cols if c.endswith("/normalized")]
-    primary = [c for c in metric_cols if c not in normalized]
-    cols = ["method", *SUMMARY_COLUMNS[1:], *primary, *normalized, *COST_COLUMNS]
-    stds = [f"{c}_std" for c in SUMMARY_COLUMNS[1:] if any(f"{c}_std" in r for r in rows)]
-    return cols + stds
-
-
-def write_figures(rows: list[dict[str, Any]], out: Path) -> list[Path]:
-    """Δ_MTL per method and the sample-efficiency curve, saved atomically as PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    paths = []
-    shown = [r for r in rows if r.get("delta_mtl_ratio") is not None and r["group"] != "budget"]
-    if shown:
-        fig, ax = plt.subplots(figsize=(8, 0.4 * len(shown) + 1.5))
-        names = [r["method"] for r in shown]
-        values = [r["delta_mtl_ratio"] for r in shown]
-        colors = ["tab:gray" if v >= 0 else "tab:red" for v in values]
-        ax.barh(names, values, color=colors, xerr=[r.get("delta_mtl_ratio_std", 0) for r in shown])
-        ax.axvline(0, color="black", linewidth=0.8)
-        ax.invert_yaxis()
-        ax.set_xlabel("Δ_MTL vs single-task models (ratio form, %)")
-        fig.tight_layout()
-        paths.append(_save_figure(fig, out / "delta_mtl.png"))
-        plt.close(fig)
-    budget = sorted((r for r in rows if r["group"] == "budget"), key=lambda r: r["budget"])
-    full = next((r for r in rows if r["group"] == "realign-heads"), None)
-    if budget:
-        fig, ax = plt.subplots(figsize=(6, 4))
-        xs = [100 * r["budget"] for r in budget] + ([100.0] if full else [])
-        ys = [r.get("delta_mtl_ratio") for r in budget] + (
-            [full.get("delta_mtl_ratio")] if full else []
-        )
-        ax.plot(xs, ys, marker="o", label="merge + head re-alignment")
-        mtl = [r for r in rows if r["group"] == "mtl" and r.get("delta_mtl_ratio") is not None]
-        for i, r in enumerate(mtl):
-            ax.axhline(
-                r["delta_mtl_ratio"],
-                linestyle="--",
-                linewidth=1,
-                color=f"C{i + 1}",
-                label=r["method"],
-            )
-        ax.set_xscale("log")
-        ax.set_xlabel("labelled re-alignment samples (% of the val split)")
-        ax.set_ylabel("Δ_MTL (ratio form, %)")
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        paths.append(_save_figure(fig, out / "sample_efficiency.png"))
-        plt.close(fig)
-    return paths
-
-
-def _save_figure(fig: Any, path: Path) -> Path:
-    return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
+def _stage_line(seed: int, stage: Stage, record: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "seed": seed,
+        "stage": stage.name,
+        "status": record.get("status"),
+        "stopped_by": record.get("stopped_by"),
+        "epochs": record.get("epochs"),
+        "wall_time_s": record.get("wall_time_s"),
+    }
 
 
 def _duration(seconds: float) -> str:
@@ -634,6 +677,8 @@ class _Progress:
         if record.get("status") == "done" and seconds > 0.5:
             self.durations.append(seconds)
             rule = f", stopped by {record['stopped_by']}" if record.get("stopped_by") else ""
+            if record.get("epochs") is not None:
+                rule += f" after {record['epochs']} epoch(s)"
             rank_zero_info(f"{label} done in {_duration(seconds)}{rule}")
 
 
@@ -653,9 +698,7 @@ def run_study(
 def _run_study(
     settings: StudySettings, runner: Callable[[list[str]], Any], out: Path
 ) -> list[dict[str, Any]]:
-    from lightning_simo.evaluation import write_results
-
-    per_seed = []
+    per_seed, stage_lines = [], []
     plans = {seed: plan_stages(settings, seed) for seed in range(settings.seeds)}
     progress = _Progress(sum(len(p) for p in plans.values()))
     for seed, stages in plans.items():
@@ -666,20 +709,35 @@ def _run_study(
             began = time.perf_counter()
             record = run_stage(stage, settings.force, runner, label)
             progress.end(label, record, time.perf_counter() - began)
+            stage_lines.append(_stage_line(seed, stage, record))
             row = collect_row(stage, record, settings)
             if row is not None:
                 (single if row.get("group") == "single-task" else rows).append(row)
         if single:
-            rows.insert(0, _single_task_row(single))
+            rows[:0] = [_single_task_row(single), *single]
         per_seed.append(rows)
-    summary = summarise(per_seed, settings.tasks)
+    summary = summarise(per_seed, settings.confidence)
+    for row in summary:
+        if row["method"].startswith("single-task ("):
+            row["group"] = "single-task run"
     columns = table_columns(summary, settings.tasks)
-    table_rows = [{c: r.get(c) for c in columns} for r in summary]
-    write_results(table_rows, out)
+    write_tables(summary, columns, out, settings.confidence)
     write_figures(summary, out)
+    _write_stage_times(stage_lines, out, progress.elapsed())
     atomic_write_text(out / "study.json", json.dumps(asdict(settings), indent=2))
     rank_zero_info(f"[study] results: {out / 'results.md'} ({_duration(progress.elapsed())})")
     return summary
+
+
+def _write_stage_times(lines: list[dict[str, Any]], out: Path, elapsed: float) -> None:
+    """``stages.csv``: every stage's status, stopping rule, epochs and wall time, and the
+    study's own wall time (what a rerun that skips complete stages spent is its own)."""
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(_stage_line(0, Stage("", Path(), None, None), {})))
+    writer.writeheader()
+    writer.writerows(lines)
+    writer.writerow({"seed": "", "stage": "study (this invocation)", "wall_time_s": elapsed})
+    atomic_write_text(out / "stages.csv", buf.getvalue())
 
 
 def build_parser() -> ArgumentParser:

@@ -24,6 +24,7 @@ def tiny_settings(out: Path, **overrides) -> StudySettings:
     configs = {k: str(REPO / v) for k, v in StudySettings().configs.items()}
     settings = StudySettings(
         out=str(out),
+        seeds=1,
         configs=configs,
         data={
             "num_train": 16,
@@ -54,6 +55,45 @@ def test_plan_orders_stages_by_dependency(tmp_path):
     assert names.index("single_task/depth") < names.index("merge/task_arithmetic")
     assert "budget/0.5" in names and "mtl/gradnorm" in names
     assert "merge/task_arithmetic-tinting" in names and "merge/ties-tinting" not in names
+    assert "merge/ties-adapters" in names  # secondary modes default to the modes but tinting
+    trimmed = tiny_settings(tmp_path, secondary_realign_modes=["heads"])
+    names = [s.name for s in plan_stages(trimmed, seed=0)]
+    assert "merge/ties-heads" in names and "merge/ties-adapters" not in names
+
+
+def _flags(args: list[str]) -> dict[str, str]:
+    keys = [a.split("=", 1)[0] for a in args if a.startswith("--")]
+    assert len(keys) == len(set(keys)), f"an override is written twice: {keys}"
+    return dict(a.split("=", 1) for a in args if a.startswith("--") and "=" in a)
+
+
+def test_every_stage_writes_each_override_once_and_shares_theta0_and_the_search(tmp_path):
+    settings = tiny_settings(tmp_path, seeds=2)
+    seed0, seed1 = plan_stages(settings, 0), plan_stages(settings, 1)
+    assert seed0[0].name == "foundation" and all(s.name != "foundation" for s in seed1)
+    theta0 = str(tmp_path / "foundation" / "checkpoints" / "last.ckpt")
+    caches = set()
+    for stage in [*seed0, *seed1]:
+        for args in (stage.fit, stage.test):
+            if args is None:
+                continue
+            flags = _flags(args)
+            assert flags["--trainer.default_root_dir"] == str(stage.folder)
+            if stage.name != "foundation":
+                assert flags["--model.encoder.checkpoint"] == theta0
+                assert flags["--data.seed"] == "0"  # scenes shared by the seeds
+            if "--merge.method" in flags:
+                caches.add(flags["--merge.search_cache"])
+    assert caches == {str(tmp_path / "alpha_search.json")}
+    fit = _flags(next(s for s in seed1 if s.name == "single_task/depth").fit)
+    assert fit["--seed_everything"] == "1" and fit["--trainer.max_epochs"] == "2"
+    assert fit["--data.tasks"] == '["depth"]'
+    own = tiny_settings(tmp_path, data_seed=None, shared_foundation=False)
+    stage = next(s for s in plan_stages(own, 1) if s.name == "single_task/depth")
+    assert _flags(stage.fit)["--data.seed"] == "1"
+    assert (
+        str(tmp_path / "seed_1" / "foundation") in _flags(stage.fit)["--model.encoder.checkpoint"]
+    )
 
 
 @pytest.mark.slow
@@ -79,8 +119,11 @@ def test_tiny_study_runs_every_stage_and_skips_on_rerun(tmp_path):
     }
     assert expected <= set(methods)
     for row in rows:
+        if row["method"].startswith("single-task ("):  # one task's model: its own metrics
+            continue
         for key in ("segmentation/miou", "depth/abs_err", "normals/mean", "delta_mtl_ratio"):
             assert math.isfinite(float(row[key])), (row["method"], key)
+        assert int(row["seeds"]) == 1 and row["delta_mtl_ratio_std"] == ""
     single = next(r for r in summary if r["method"] == "single-task models")
     assert single["delta_mtl_ratio"] == 0.0
     merged = next(r for r in summary if r["method"] == "task_arithmetic")
@@ -90,9 +133,15 @@ def test_tiny_study_runs_every_stage_and_skips_on_rerun(tmp_path):
     assert 0 < heads["trainable_params"] < single["trainable_params"]
     tint = next(r for r in summary if r["method"] == "task_arithmetic + tinting re-align")
     assert tint["labelled_samples"] == 0
-    assert (tmp_path / "results.md").read_text().startswith("|")
-    assert (tmp_path / "delta_mtl.png").stat().st_size > 1000
-    assert (tmp_path / "sample_efficiency.png").stat().st_size > 1000
+    depth = next(r for r in summary if r["method"] == "single-task (depth)")
+    assert depth["epochs"] == 2 and depth["encoder_backward"] > 0  # the cap of 2 epochs
+    assert heads["encoder_backward"] == 0  # frozen encoder, cached features
+    assert merged["encoder_forward"] > 0  # its α search
+    md = (tmp_path / "results.md").read_text()
+    assert "| method |" in md and "\n## Claims\n" in md
+    for figure in ("delta_mtl.png", "sample_efficiency.png", "pareto.png"):
+        assert (tmp_path / figure).stat().st_size > 1000
+    assert "single_task/depth,done,max_epochs,2," in (tmp_path / "stages.csv").read_text()
 
     calls: list[list[str]] = []
     run_study(settings, runner=calls.append)

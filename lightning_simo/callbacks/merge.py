@@ -292,7 +292,7 @@ class MergeCallback(L.Callback):
             "search_metric": self.search_metric,
             "split": self.search_split,
             "batches": self.search_batches,
-            "data": _describe(dm),
+            "data": _describe(dm, searched_split_is_trained=self.search_split == "train"),
         }
         cache = None
         if self.search_cache:
@@ -394,9 +394,19 @@ def _plain(value: Any) -> bool:
     return value is None or isinstance(value, (bool, int, float, str))
 
 
-def _describe(datamodule: Any) -> dict[str, Any]:
+_TRAIN_ONLY = ("train_budget",)
+
+
+def _describe(datamodule: Any, searched_split_is_trained: bool = False) -> dict[str, Any]:
     """The datamodule's class and plain public settings (sizes, seeds, roots, tasks): what the
     search cache keys the data by. Files that change on disk under the same settings are not
-    seen; pass ``search_cache: false`` when editing a dataset in place."""
-    settings = {k: v for k, v in vars(datamodule).items() if not k.startswith("_") and _plain(v)}
+    seen; pass ``search_cache: false`` when editing a dataset in place. The labelled budget
+    only subsets the ``train`` split's dataset, so unless that is the searched split it is left
+    out: re-alignments on fractions of the labels share one search."""
+    skip = () if searched_split_is_trained else _TRAIN_ONLY
+    settings = {
+        k: v
+        for k, v in vars(datamodule).items()
+        if not k.startswith("_") and k not in skip and _plain(v)
+    }
     return {"class": f"{type(datamodule).__module__}.{type(datamodule).__qualname__}", **settings}

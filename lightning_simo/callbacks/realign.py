@@ -30,6 +30,7 @@ from lightning_simo.registry import Registry
 
 __all__ = [
     "REALIGN_MODES",
+    "EvalFeatureCaches",
     "FeatureCache",
     "RealignMode",
     "RealignSettings",
@@ -148,10 +149,26 @@ class FeatureCache:
         return EncoderOutput(features, tokens if self._tokens else None, size)
 
 
+class EvalFeatureCaches:
+    """One :class:`FeatureCache` per evaluation loop (``validate``, ``sanity_check``, ``test``
+    ...), so the frozen encoder runs once per evaluated image, not once per epoch; loops never
+    share a cache, as their splits reuse sample indices."""
+
+    def __init__(self, encoder: Encoder) -> None:
+        self.encoder = encoder
+        self.caches: dict[str, FeatureCache] = {}
+
+    def __call__(self, batch: Mapping[str, Tensor], loop: str) -> EncoderOutput | None:
+        if loop not in self.caches:
+            self.caches[loop] = FeatureCache(self.encoder)
+        return self.caches[loop](batch)
+
+
 # ----------------------------------------------------------------------------- the modes
 def _cache_features(module: L.LightningModule, sources: Sources, settings: RealignSettings) -> None:
     if settings.cache_features:
         module.feature_source = FeatureCache(module.net.encoder)
+        module.eval_feature_source = EvalFeatureCaches(module.net.encoder)
 
 
 def _tinting(module: L.LightningModule, sources: Sources, settings: RealignSettings) -> None:

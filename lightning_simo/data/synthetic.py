@@ -8,6 +8,7 @@ here so that ``lightning_simo.data.synthetic`` stays the one import for syntheti
 from __future__ import annotations
 
 import copy
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
@@ -116,14 +117,10 @@ class SyntheticScenes(Dataset):
         return render_scene(scene_rng(self.seed, self.stream, index), self.height, self.width)
 
     def _render_all(self) -> dict[str, np.ndarray]:
-        arrays: dict[str, np.ndarray] = {}
-        for i in range(self.n):
-            scene = self._render(i)
-            for key in self.fields:
-                if key not in arrays:
-                    arrays[key] = np.empty((self.n, *scene[key].shape), _STORE_DTYPES[key])
-                arrays[key][i] = scene[key]
-        return arrays
+        if self.n == 0:
+            return {}
+        rendered = _rendered(self.n, self.height, self.width, self.seed, self.stream)
+        return {key: rendered[key] for key in self.fields}
 
     def with_transform(
         self, transform: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]] | None
@@ -152,6 +149,36 @@ class SyntheticScenes(Dataset):
         out = to_tensor_sample(sample)
         out["index"] = torch.tensor(int(index), dtype=torch.int64)
         return out
+
+
+# ----------------------------------------------------------------------------- rendered scenes
+_RENDERED: OrderedDict[tuple[int, int, int, int], dict[str, np.ndarray]] = OrderedDict()
+_RENDERED_KEEP = 4
+"""Streams kept rendered in this process. Every stage of a study runs in one process and reads
+the same splits (train, val, test, pretrain), so each is rendered once, not once per stage and
+seed; a scene depends only on ``(seed, stream, index)``, so a kept rendering of ``n`` scenes also
+serves any smaller ``n``. The arrays are shared: nothing writes into them (samples are copies)."""
+
+
+def _rendered(n: int, height: int, width: int, seed: int, stream: int) -> dict[str, np.ndarray]:
+    """Scenes ``0 .. n-1`` of ``(seed, stream)``, every field, in the compact store dtypes."""
+    key = (height, width, seed, stream)
+    kept = _RENDERED.get(key)
+    if kept is not None and len(kept["image"]) >= n:
+        _RENDERED.move_to_end(key)
+        return {k: v[:n] for k, v in kept.items()}
+    arrays: dict[str, np.ndarray] = {}
+    for i in range(n):
+        scene = render_scene(scene_rng(seed, stream, i), height, width)
+        for field_name in ("image", *SYNTHETIC_TASKS):
+            if field_name not in arrays:
+                shape = (n, *scene[field_name].shape)
+                arrays[field_name] = np.empty(shape, _STORE_DTYPES[field_name])
+            arrays[field_name][i] = scene[field_name]
+    _RENDERED[key] = arrays
+    while len(_RENDERED) > _RENDERED_KEEP:
+        _RENDERED.popitem(last=False)
+    return arrays
 
 
 # ----------------------------------------------------------------------------- datamodule

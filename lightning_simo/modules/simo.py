@@ -127,6 +127,7 @@ class SIMOModule(L.LightningModule):
         )
         self.register_buffer("samples_seen", torch.zeros((), dtype=torch.long))
         self.feature_source: Any = None  # set by re-alignment to serve cached encoder features
+        self.eval_feature_source: Any = None  # the same for evaluation, one cache per loop
         self.nonfinite_guard: Any = None  # set by callbacks.guard.NonFiniteGuard
         self.last_metrics: dict[str, dict[str, float]] = {}
 
@@ -169,10 +170,15 @@ class SIMOModule(L.LightningModule):
     # ------------------------------------------------------------------ forward
     def encode(self, batch: Mapping[str, Tensor]) -> EncoderOutput:
         """Encoder features of a batch; training batches are served from a cache when
-        re-alignment installed one (evaluation always runs the encoder: other splits reuse
-        sample indices)."""
+        re-alignment installed one, and evaluation batches from another, one per loop
+        (validation, test...: other splits reuse sample indices)."""
         if self.feature_source is not None and self.training:
             cached = self.feature_source(batch)
+            if cached is not None:
+                return cached
+        if self.eval_feature_source is not None and not self.training:
+            stage = self._trainer.state.stage if self._trainer is not None else None
+            cached = None if stage is None else self.eval_feature_source(batch, str(stage.value))
             if cached is not None:
                 return cached
         feats = self.net.encoder(batch["image"])
