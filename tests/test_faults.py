@@ -92,6 +92,9 @@ class Runs:
 def run_main(args: list[str]) -> int:
     """``main(args)`` in-process; its exit status (0 when it returns)."""
     sigint = signal.getsignal(signal.SIGINT)
+    # Python's Ctrl+C handler, whatever the suite was started with: a shell starting it in the
+    # background (``cmd &``) leaves SIGINT ignored, and Python then keeps it ignored
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         main(args)
     except SystemExit as exit_info:
