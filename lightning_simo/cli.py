@@ -30,6 +30,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from lightning_simo.callbacks.guard import NonFiniteLossError
 from lightning_simo.callbacks.merge import MergeCallback
+from lightning_simo.callbacks.resume import InterruptionCheckpoint, received_signal
 from lightning_simo.checkpoint_io import AtomicCheckpointIO
 from lightning_simo.checkpoints import (
     CheckpointError,
@@ -196,6 +197,10 @@ class SIMOCLI(LightningCLI):
         plugins = list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
         if not any(hasattr(p, "save_checkpoint") for p in plugins):
             trainer_config["plugins"] = [*plugins, AtomicCheckpointIO()]
+        if not any(
+            isinstance(c, InterruptionCheckpoint) for c in trainer_config.get("callbacks") or []
+        ):
+            extra = [*extra, InterruptionCheckpoint()]  # a stopped fit saves where it stopped
         if trainer_config.get("enable_progress_bar") is False:  # the override wins over configs
             callbacks = trainer_config.get("callbacks") or []
             trainer_config["callbacks"] = [c for c in callbacks if not isinstance(c, ProgressBar)]
@@ -224,6 +229,7 @@ class SIMOCLI(LightningCLI):
         except BaseException as err:
             signum = interrupting_signal(err)
             if signum is not None:
+                signum = received_signal(trainer) or signum  # a Ctrl+C stops as SIGTERM does
                 raise RunInterrupted(signum, self._interrupted(subcommand, signum)) from None
             if trainer.global_step == 0:  # failed before training: no empty logger folders
                 for folder in fresh_log_dirs:

@@ -5,14 +5,15 @@ epochs of 2 steps), each case checks what a user sees and what is left on disk:
 
 * SIGTERM / SIGINT at a random step (the process signals itself from ``fault_signal``, so the
   step is exact whatever the load): exit status 143 / 130, one ``interrupted`` line, the lock
-  released; the rerun with ``--ckpt_path last`` (or, stopped before the first checkpoint, the same
-  command) ends with weights ``torch.equal`` to an uninterrupted run.
+  released, ``last.ckpt`` saved at that very step (mid-epoch too); the rerun with
+  ``--ckpt_path last`` ends with weights ``torch.equal`` to an uninterrupted run.
 * SIGKILL while held at a random step in a subprocess: meanwhile a second ``fit`` on the same
   folder is refused naming the holder's PID; after the kill, a plain rerun is refused (the folder
   holds checkpoints), ``--ckpt_path last`` takes the dead run's lock over with a warning and
   ends equal to the uninterrupted run.
-* The study: SIGTERM during a single-task stage exits 143 and leaves that stage ``interrupted``;
-  the rerun resumes it and its results table equals an uninterrupted study's.
+* The study: SIGTERM during a single-task stage exits 143 and leaves that stage ``interrupted``
+  with a checkpoint of the interrupted step; the rerun resumes it from there and its results
+  table equals an uninterrupted study's.
 
 Runs are in-process (``main([...])``) except the one that must be killed from outside.
 """
@@ -156,6 +157,8 @@ def test_signal_at_a_random_step_then_rerun(
     assert f"stopped by {signame} at step {step}" in lines[0], lines[0]
     assert not (root / LOCK_FILE).exists()
     assert "Traceback" not in err
+    # the stop saved where it stopped, mid-epoch included: nothing is trained twice
+    assert final(root)["global_step"] == step, context
 
     assert run_main(resume_args(args, root)) == 0, context
     assert_equal_weights(expected, weights(root, steps), context)
@@ -273,10 +276,12 @@ def test_study_sigterm_in_a_single_task_stage_then_rerun(
     assert stage["status"] == "interrupted" and stage["during"] == "fit", stage
     assert not (tmp_path / "study" / "results.csv").exists()
     assert not (tmp_path / "study" / LOCK_FILE).exists()
-    had_checkpoint = (tmp_path / "study/seed_0/single_task/depth/checkpoints/last.ckpt").exists()
+    last = tmp_path / "study/seed_0/single_task/depth/checkpoints/last.ckpt"
+    # saved at the interrupted step, even inside the first epoch: the rerun resumes, never restarts
+    assert torch.load(last, map_location="cpu", weights_only=True)["global_step"] == step, context
 
     assert study_main(interrupted, tmp_path) == 0, context
     stage = json.loads((tmp_path / "study/seed_0/single_task/depth/stage.json").read_text())
     assert stage["status"] == "done" and stage["stopped_by"] == "max_epochs", stage
-    assert stage["resumed"] is had_checkpoint, stage  # stopped before any checkpoint: started over
+    assert stage["resumed"] is True, stage
     assert results_without_times(tmp_path / "study") == expected, context

@@ -6,11 +6,11 @@ it there once ``last.ckpt`` of epoch 1 is written, so the kill point does not de
 machine's load), and once resumed with ``--ckpt_path <run>/checkpoints/last.ckpt``. The final
 weights must be equal bit for bit.
 
-What exactness takes (see ``lightning_simo.callbacks.rng``): the same ``seed_everything``, a
-checkpoint taken at an epoch boundary, and ``RNGStateCheckpoint`` among the callbacks, so that the
-resumed run shuffles, seeds loader workers and augments from the generator states of the
-interrupted one. A checkpoint from the middle of an epoch does not resume exactly: Lightning
-restarts that epoch with a fresh data iterator.
+What exactness takes (see ``lightning_simo.callbacks.rng`` and ``lightning_simo.data.sampling``):
+the same ``seed_everything`` and ``RNGStateCheckpoint`` among the callbacks, so that the resumed
+run draws dropout and masks from the generator states of the interrupted one; the training order
+and augmentation depend on the seed, the epoch and the sample only. Checkpoints saved inside an
+epoch (by a signal) are covered by ``tests/test_faults.py``.
 """
 
 from __future__ import annotations
@@ -155,10 +155,7 @@ def single_task_checkpoints(single_tasks: SingleTasks) -> dict[str, str]:
 
 
 def test_resume_single_task(tmp_path: Path) -> None:
-    # Augmented training data, a linear probe epoch, then fine-tuning. Augmentation resumes
-    # exactly only in loader workers: each epoch's workers are seeded from the loader's base seed,
-    # drawn from the restored torch generator; in the main process (num_workers=0) the
-    # transform's own generator would start over.
+    # Augmented training data read by a loader worker, a linear probe epoch, then fine-tuning.
     config = tiny_config(tmp_path, ["segmentation"])
     config["data"]["init_args"]["num_workers"] = 1
     reference, resumed, start = kill_and_resume(tmp_path, "single_task.yaml", config)

@@ -8,9 +8,10 @@ Python, NumPy and torch (CPU and CUDA) generator states are saved in every check
 back when the run resumes, so a run resumed from an end-of-epoch checkpoint repeats the
 uninterrupted run exactly (see ``tests/test_resume.py``).
 
-Limits: a checkpoint saved in the middle of an epoch is not resumed exactly (Lightning restarts
-the epoch with a new data iterator), and neither is augmentation computed in the main process
-(``num_workers=0``) by a generator private to the transform.
+Together with the training loaders of :mod:`lightning_simo.data.sampling` (order and augmentation
+drawn from the seed, the epoch and the sample, never from these generators) this holds for
+checkpoints taken inside an epoch as well (``InterruptionCheckpoint`` saves one where a signal
+stopped the run; see ``tests/test_faults.py``).
 States are stored as tensors and plain lists so the checkpoint still loads with
 ``torch.load(weights_only=True)``. Under DDP every rank resumes from rank 0's states.
 """

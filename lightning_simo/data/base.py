@@ -10,12 +10,19 @@ encoder features).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from lightning_simo.data.sampling import (
+    ResumableLoader,
+    ResumableSampler,
+    SeededSamples,
+    resume_position,
+    shuffle_seed,
+)
 from lightning_simo.tasks import available_tasks
 
 __all__ = ["DenseDataModule", "EVAL_SPLITS", "SPLITS", "select_budget"]
@@ -150,15 +157,22 @@ class DenseDataModule(L.LightningDataModule):
         return self.make_dataset(split, train=False)
 
     def _loader(self, dataset: Dataset, shuffle: bool, batch_size: int) -> DataLoader:
-        return DataLoader(
-            dataset,
-            batch_size=batch_size,
-            shuffle=shuffle,
-            num_workers=self.num_workers,
-            pin_memory=self.pin_memory,
-            persistent_workers=self.persistent_workers,
-            drop_last=False,
-        )
+        """Shuffled loaders are resumable mid-epoch (:mod:`lightning_simo.data.sampling`); every
+        loader seeds its workers from a generator of its own, so making an iterator never moves
+        the global generator that dropout and checkpointed random states share."""
+        options: dict[str, Any] = {
+            "batch_size": batch_size,
+            "num_workers": self.num_workers,
+            "pin_memory": self.pin_memory,
+            "persistent_workers": self.persistent_workers,
+            "drop_last": False,
+            "generator": torch.Generator().manual_seed(shuffle_seed()),
+        }
+        if not shuffle:
+            return DataLoader(dataset, shuffle=False, **options)
+        epoch, batches = resume_position(self.trainer)
+        sampler = ResumableSampler(dataset, shuffle_seed(), epoch, skip=batches * batch_size)
+        return ResumableLoader(SeededSamples(dataset), sampler=sampler, **options)
 
     def loader(self, split: str, batch_size: int | None = None) -> DataLoader:
         """An ordered, un-augmented loader over a whole split."""

@@ -34,8 +34,10 @@ geometry while the image is cropped and flipped, silently misaligning image and 
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import random
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import albumentations as A
@@ -52,6 +54,7 @@ __all__ = [
     "HorizontalFlipNormals",
     "METADATA_KEYS",
     "RandomRescale",
+    "augmentation_seed",
     "build_transform",
     "dense_keys",
     "label_keys",
@@ -166,6 +169,24 @@ class HorizontalFlipNormals(A.HorizontalFlip):
         return ()
 
 
+_SAMPLE_SEED: contextvars.ContextVar[int | None] = contextvars.ContextVar(
+    "lightning_simo_sample_seed", default=None
+)
+
+
+@contextlib.contextmanager
+def augmentation_seed(seed: int) -> Iterator[None]:
+    """Inside, every :class:`DensePipeline` draws the augmentation of the sample being read from
+    ``seed`` alone, not from its running stream: the training loader sends one seed per sample
+    and epoch (:mod:`lightning_simo.data.sampling`), so a resumed run augments as the
+    interrupted one would have, whichever worker reads the sample."""
+    token = _SAMPLE_SEED.set(int(seed))
+    try:
+        yield
+    finally:
+        _SAMPLE_SEED.reset(token)
+
+
 class DensePipeline:
     """Callable ``sample -> sample`` that runs an albumentations pipeline on a dense sample.
 
@@ -174,6 +195,8 @@ class DensePipeline:
     afterwards. Inside a ``DataLoader`` worker the random state is re-seeded from the worker's
     torch seed: albumentations generators are otherwise copied into every forked worker, so all
     workers (and, without persistent workers, all epochs) would draw the same augmentations.
+    Inside :func:`augmentation_seed` (the training loaders) each sample is drawn from its own seed
+    instead.
 
     Args:
         train: random rescale, random crop and flip when ``True``; a deterministic centre
@@ -248,7 +271,11 @@ class DensePipeline:
         self._sync_worker()
         if size not in self._pipelines:
             self._pipelines[size] = self._compose(size)
-        return self._pipelines[size]
+        compose = self._pipelines[size]
+        seed = _SAMPLE_SEED.get()
+        if seed is not None:
+            compose.set_random_state(np.random.default_rng(seed), random.Random(seed))
+        return compose
 
     # ------------------------------------------------------------------ running
     @staticmethod

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_simo.models.encoders import Encoder, EncoderConfig
-from lightning_simo.modules.schedules import one_cycle
+from lightning_simo.modules.schedules import one_cycle, stepping_batches
 
 __all__ = ["FoundationModule"]
 
@@ -98,7 +98,7 @@ class FoundationModule(L.LightningModule):
         opt = torch.optim.AdamW(
             self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay
         )
-        total = int(self.trainer.estimated_stepping_batches)
+        total = stepping_batches(self.trainer)
         return {
             "optimizer": opt,
             "lr_scheduler": one_cycle(opt, total, self.hparams.warmup_fraction),

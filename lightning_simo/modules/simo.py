@@ -24,7 +24,7 @@ from lightning_simo.evaluation import delta_mtl, normalized_performance
 from lightning_simo.models.encoders import EncoderConfig, EncoderOutput
 from lightning_simo.models.heads import HeadConfig
 from lightning_simo.models.simo import SIMONet
-from lightning_simo.modules.schedules import one_cycle
+from lightning_simo.modules.schedules import one_cycle, stepping_batches
 from lightning_simo.tasks import Task, build_tasks
 
 __all__ = ["SIMOModule", "load_reference_metrics"]
@@ -373,7 +373,7 @@ class SIMOModule(L.LightningModule):
         opt = torch.optim.AdamW(groups, weight_decay=self.hparams.weight_decay)
         if self.hparams.schedule == "constant":
             return opt
-        total = int(self.trainer.estimated_stepping_batches)
+        total = stepping_batches(self.trainer)
         return {
             "optimizer": opt,
             "lr_scheduler": one_cycle(opt, total, self.hparams.warmup_fraction),
