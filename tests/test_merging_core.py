@@ -228,3 +228,50 @@ def test_sampled_ties_threshold_is_exact_whatever_the_sample(monkeypatch, sample
             want = reference.reference_ties_flat(theta0, finetuned, density, 0.5)
             for key in shapes:
                 assert torch.equal(got[key], want[key]), (key, density, scale)
+
+
+@pytest.mark.parametrize("grid", [False, True])
+@pytest.mark.parametrize("density", [0.05, 0.3, 0.9])
+def test_streamed_ties_tallies_the_election_in_the_threshold_pass(
+    monkeypatch, grid, density
+) -> None:  # noqa: ANN001
+    """The stream's one counting pass gives the thresholds and the exact sum of elected signs
+    (decided, one-undecided and several-undecided coordinates alike), equal to electing every
+    coordinate after the thresholds are known."""
+    import lightning_simo.merging.methods as methods
+    from lightning_simo.merging.methods import (
+        MergeInputs,
+        _bracketed_select,
+        _ElectionTally,
+        _ties_elect,
+        keep_count,
+    )
+
+    monkeypatch.setattr(methods, "_SAMPLE", 64)  # wide brackets: many undecided coordinates
+    monkeypatch.setattr(methods, "_SAMPLE_MARGIN", 0.05)
+    gen = torch.Generator().manual_seed(int(grid) + int(100 * density))
+    shapes = {"a": (50, 40), "b": (40,), "c": (6, 3, 2, 2)}
+    theta0 = {k: torch.randn(s, generator=gen) for k, s in shapes.items()}
+
+    def noise(shape: tuple[int, ...]) -> torch.Tensor:
+        value = torch.randn(shape, generator=gen)
+        # few distinct values: many exact cancellations and several undecided values per entry
+        return torch.randint(-3, 4, shape, generator=gen).float() if grid else value
+
+    finetuned = [{k: v + noise(v.shape) for k, v in theta0.items()} for _ in range(5)]
+    inputs = MergeInputs(theta0, finetuned, tuple(shapes), torch.float32)
+    tally = _ElectionTally()
+    found = _bracketed_select(inputs, keep_count(density, inputs.numel), tally)
+    assert found is not None, "the bracket should hold the threshold here"
+    thresholds, inside = found
+    assert thresholds == methods._kth_largest_magnitudes_radix(
+        inputs, keep_count(density, inputs.numel)
+    )
+    expected = 0
+    for key in shapes:
+        _, elected, _ = _ties_elect(inputs, key, density, thresholds)
+        expected += int(elected.sum())
+    assert tally.balance_given(thresholds, inside) == expected
+    assert tally.undecided, "the case should have coordinates with several undecided values"
+    streamed = methods._ties_prepass(inputs, {"density": density, "trim_scope": "global"})
+    assert streamed["_model_wide"]["majority"] == float((expected > 0) - (expected < 0))

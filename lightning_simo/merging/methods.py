@@ -322,17 +322,25 @@ def _int_view(dtype: torch.dtype) -> tuple[torch.dtype, int]:
     raise ValueError(f"radix select supports float32/float64, got {dtype}")
 
 
+KeyObserver = Callable[[str, list[Tensor], list[Tensor], list[Tensor]], None]
+"""Called by the counting pass of :func:`_bracketed_select` with each key's flat task vectors
+and, per task, the masks of its magnitudes above and inside the bracket."""
+
+
 def _kth_largest_magnitudes(inputs: MergeInputs, k: int) -> list[Tensor]:
     """The k-th largest ``|tau_t|`` over all merged keys, for every task, exactly.
 
-    One pass, no histogram: a strided sample of about ``_SAMPLE`` magnitudes per task (cheap to
-    read) brackets the threshold between two sample quantiles a few standard deviations around
-    the target rank; the full pass then only counts the values above the bracket and collects
-    the few inside it, and ``kthvalue`` over that small set gives the exact answer. When the
-    count shows the bracket missed (a sample unlike the data), the radix select below decides.
-    Profiling the radix select showed its time in the two histogram passes (``bincount`` and the
-    prefix compaction of the second digit), each as long as the merge itself.
+    :func:`_bracketed_select`, and the radix select below when its bracket misses. Profiling the
+    radix select showed its time in the two histogram passes (``bincount`` and the prefix
+    compaction of the second digit), each as long as the merge itself.
     """
+    found = _bracketed_select(inputs, k)
+    return _kth_largest_magnitudes_radix(inputs, k) if found is None else found[0]
+
+
+def _sample_brackets(inputs: MergeInputs, k: int) -> list[tuple[Tensor, Tensor]]:
+    """Per task, two magnitudes ``(lo, hi)`` from a strided sample that very likely enclose the
+    k-th largest magnitude (sample quantiles a few standard deviations around the target)."""
     n = inputs.numel
     stride = max(1, n // _SAMPLE)
     samples: list[list[Tensor]] = [[] for _ in range(inputs.n_tasks)]
@@ -349,22 +357,49 @@ def _kth_largest_magnitudes(inputs: MergeInputs, k: int) -> list[Tensor]:
         hi = ordered[upper] if upper >= 0 else ordered.new_tensor(math.inf)
         lo = ordered[lower] if lower < m else ordered.new_tensor(0.0)
         brackets.append((lo, hi))
+    return brackets
+
+
+def _bracketed_select(
+    inputs: MergeInputs, k: int, observer: KeyObserver | None = None
+) -> tuple[list[Tensor], list[Tensor]] | None:
+    """The k-th largest ``|tau_t|`` per task in one pass over the data, with the magnitudes
+    inside each task's bracket (in key order), or ``None`` when the sample's bracket missed it
+    (a sample unlike the data).
+
+    The pass only counts the values above the bracket and collects the few inside it;
+    ``kthvalue`` over that small set gives the exact answer. ``observer`` sees every key's task
+    vectors during the pass, so model-wide statistics that depend on the thresholds only
+    through the undecided values (TIES's majority sign) are gathered in the same read.
+    """
+    brackets = _sample_brackets(inputs, k)
     above = [0] * inputs.n_tasks
     inside: list[list[Tensor]] = [[] for _ in range(inputs.n_tasks)]
     for key in inputs.keys:
-        for task, tau in enumerate(inputs.task_vectors(key)):
+        taus = [tau.reshape(-1) for tau in inputs.task_vectors(key)]
+        highs: list[Tensor] = []
+        mids: list[Tensor] = []
+        for task, tau in enumerate(taus):
             lo, hi = (b.to(tau.device) for b in brackets[task])
-            magnitude = tau.abs_().reshape(-1)
-            above[task] += int((magnitude > hi).sum())
-            inside[task].append(magnitude[(magnitude >= lo) & (magnitude <= hi)])
+            magnitude = tau.abs() if observer is not None else tau.abs_()
+            high = magnitude > hi
+            mid = (magnitude >= lo) & (magnitude <= hi)
+            above[task] += int(high.sum())
+            inside[task].append(magnitude[mid])
+            highs.append(high)
+            mids.append(mid)
+        if observer is not None:
+            observer(key, taus, highs, mids)
     result: list[Tensor] = []
+    collected: list[Tensor] = []
     for task in range(inputs.n_tasks):
         values = torch.cat(inside[task])
         needed = k - above[task]
         if not 0 < needed <= values.numel():
-            return _kth_largest_magnitudes_radix(inputs, k)
+            return None
         result.append(values.kthvalue(values.numel() - needed + 1).values.cpu())
-    return result
+        collected.append(values)
+    return result, collected
 
 
 def _kth_largest_magnitudes_radix(inputs: MergeInputs, k: int) -> list[Tensor]:
@@ -721,28 +756,109 @@ def _ties_elect(
         limits = [t.abs().reshape(-1).kthvalue(t.numel() - k + 1).values for t in taus]
     else:
         limits = [limit.to(taus[0].device) for limit in thresholds]
-    keep = [t.abs() >= limit for t, limit in zip(taus, limits)]
-    trimmed = [t.mul_(k) for t, k in zip(taus, keep)]  # as the reference: M * mask
+    trimmed = [_trim(t, limit) for t, limit in zip(taus, limits)]
     total = _accumulate(trimmed)
     elected = torch.sign(total)
     cancelled = total == 0
-    support = keep[0]
-    for mask in keep[1:]:
-        support = support | mask
+    support = trimmed[0] != 0
+    for value in trimmed[1:]:
+        support.logical_or_(value != 0)
     where = cancelled.logical_and_(support).reshape(-1).nonzero().squeeze(1)
     return trimmed, elected, where
 
 
+def _trim(tau: Tensor, limit: Tensor) -> Tensor:
+    """``tau`` where ``|tau| >= limit``, else 0 (the reference's ``M * mask``, in one kernel).
+
+    ``hardshrink`` keeps ``|x| > lambd``; with ``lambd`` the next float below ``limit`` that is
+    exactly ``|x| >= limit``. Kept zeros (``limit`` 0) and dropped values are both 0, so the
+    signs, sums and merged values equal the reference's."""
+    below = torch.nextafter(limit, torch.zeros_like(limit))
+    return torch.nn.functional.hardshrink(tau, float(below))
+
+
 def _ties_prepass(inputs: MergeInputs, options: Mapping[str, Any]) -> dict[str, Any]:
-    """Thresholds and the majority sign, one key at a time, so a stream can then merge each key
-    on its own (one more read of the task vectors than ``_ties``, bounded memory)."""
+    """Thresholds and the majority sign, so a stream can then merge each key on its own.
+
+    With global trimming both come from the one counting pass of the threshold selection
+    (:class:`_ElectionTally`); per-tensor trimming, or a bracket that missed, costs one
+    election pass of its own. Bounded memory either way."""
+    density = options["density"]
+    if options["trim_scope"] == "global":
+        tally = _ElectionTally()
+        found = _bracketed_select(inputs, keep_count(density, inputs.numel), tally)
+        if found is not None:
+            thresholds, inside = found
+            majority = tally.majority(thresholds, inside)
+            return {**options, _TIES_MODEL_WIDE: {"thresholds": thresholds, "majority": majority}}
     thresholds = _ties_thresholds(inputs, options)
     balance = 0.0
     for key in inputs.keys:
-        _, elected, _ = _ties_elect(inputs, key, options["density"], thresholds)
+        _, elected, _ = _ties_elect(inputs, key, density, thresholds)
         balance += float(elected.sum(dtype=torch.float64))
     majority = float((balance > 0) - (balance < 0))
     return {**options, _TIES_MODEL_WIDE: {"thresholds": thresholds, "majority": majority}}
+
+
+class _ElectionTally:
+    """The sum of TIES's elected signs over the model, gathered while the thresholds are found.
+
+    Before the thresholds are known, a coordinate is decided when none of its magnitudes lies
+    inside its task's bracket: its kept values, so its elected sign, are known. With exactly one
+    magnitude inside a bracket (almost every other coordinate) there are two candidate signs,
+    with and without that value; both are kept (one byte beside the value the selection keeps
+    anyway) and chosen once the value's threshold is known. Coordinates with two or more
+    undecided magnitudes (rare) keep their task vectors. Sums run in task order with the same
+    values as the merge itself, so the signs, and the majority, are the merge's exactly.
+    """
+
+    def __init__(self) -> None:
+        self.balance = 0
+        self.codes: list[list[Tensor]] = []
+        self.undecided: list[Tensor] = []
+
+    def __call__(
+        self, key: str, taus: list[Tensor], highs: list[Tensor], mids: list[Tensor]
+    ) -> None:
+        if not self.codes:
+            self.codes = [[] for _ in taus]
+        open_count = _accumulate(mid.to(torch.uint8) for mid in mids)
+        without = torch.sign(_accumulate(torch.where(h, t, 0.0) for h, t in zip(highs, taus)))
+        decided = open_count == 0
+        self.balance += int(without[decided].sum(dtype=torch.float64))
+        kept = (h | m for h, m in zip(highs, mids))
+        with_value = torch.sign(_accumulate(torch.where(k, t, 0.0) for k, t in zip(kept, taus)))
+        # code 0: the coordinate has several undecided values; else 1 + 3 (s_without + 1) + s_with + 1
+        code = ((without + 1) * 3 + with_value + 2).to(torch.int8)
+        code.masked_fill_(open_count != 1, 0)
+        for task, mid in enumerate(mids):
+            self.codes[task].append(code[mid])
+        several = open_count > 1
+        if bool(several.any()):
+            self.undecided.append(torch.stack([tau[several] for tau in taus]))
+
+    def majority(self, thresholds: list[Tensor], inside: list[Tensor]) -> float:
+        """The sign of the summed elected signs (0 when they balance exactly)."""
+        balance = self.balance_given(thresholds, inside)
+        return float((balance > 0) - (balance < 0))
+
+    def balance_given(self, thresholds: list[Tensor], inside: list[Tensor]) -> int:
+        """The sum of the elected signs, given every task's threshold and the magnitudes inside
+        its bracket (in the order the codes were gathered)."""
+        balance = self.balance
+        for task, (limit, values) in enumerate(zip(thresholds, inside)):
+            code = (
+                torch.cat(self.codes[task]).to(torch.int64) if self.codes else values.new_empty(0)
+            )
+            single = code > 0
+            keep = values[single] >= limit.to(values.device)
+            code = code[single] - 1
+            balance += int(torch.where(keep, code % 3 - 1, code // 3 - 1).sum())
+        for taus in self.undecided:
+            limits = torch.stack([t.to(taus.device, taus.dtype) for t in thresholds])[:, None]
+            kept = torch.where(taus.abs() >= limits, taus, 0.0)
+            balance += int(torch.sign(_accumulate(kept.unbind(0))).sum(dtype=torch.float64))
+        return balance
 
 
 def _stable_seed(seed: int, task: int, key: str) -> int:
