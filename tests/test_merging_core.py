@@ -259,6 +259,10 @@ def test_streamed_ties_tallies_the_election_in_the_threshold_pass(
         return torch.randint(-3, 4, shape, generator=gen).float() if grid else value
 
     finetuned = [{k: v + noise(v.shape) for k, v in theta0.items()} for _ in range(5)]
+    theta0["frozen"] = torch.randn(8, 8, generator=gen)  # zero task vectors: exact zeros
+    for tuned in finetuned:
+        tuned["frozen"] = theta0["frozen"].clone()
+    shapes["frozen"] = (8, 8)
     inputs = MergeInputs(theta0, finetuned, tuple(shapes), torch.float32)
     tally = _ElectionTally()
     found = _bracketed_select(inputs, keep_count(density, inputs.numel), tally)

@@ -314,6 +314,13 @@ def _accumulate(values: Iterable[Tensor]) -> Tensor:
     return total
 
 
+def _nonzero_count(values: Tensor) -> int:
+    """``count_nonzero`` through float kernels, several times faster on CPUs (exact: 0/1 sums
+    in float32 stay exact below 2**24 entries, larger tensors sum in float64)."""
+    dtype = torch.float32 if values.numel() < 1 << 24 else torch.float64
+    return int(torch.sign(values).abs_().sum(dtype=dtype))
+
+
 def _int_view(dtype: torch.dtype) -> tuple[torch.dtype, int]:
     if dtype == torch.float64:
         return torch.int64, 64
@@ -322,9 +329,11 @@ def _int_view(dtype: torch.dtype) -> tuple[torch.dtype, int]:
     raise ValueError(f"radix select supports float32/float64, got {dtype}")
 
 
-KeyObserver = Callable[[str, list[Tensor], list[Tensor], list[Tensor]], None]
+KeyObserver = Callable[[list[Tensor], Tensor, Tensor, Tensor, Tensor], None]
 """Called by the counting pass of :func:`_bracketed_select` with each key's flat task vectors
-and, per task, the masks of its magnitudes above and inside the bracket."""
+kept above the brackets (``|tau| > hi``, else 0), the flat indices where some task has a
+non-zero magnitude inside its bracket, every task's values there (``tasks x len(indices)``),
+and which of those are above and which inside their task's bracket."""
 
 
 def _kth_largest_magnitudes(inputs: MergeInputs, k: int) -> list[Tensor]:
@@ -363,41 +372,60 @@ def _sample_brackets(inputs: MergeInputs, k: int) -> list[tuple[Tensor, Tensor]]
 def _bracketed_select(
     inputs: MergeInputs, k: int, observer: KeyObserver | None = None
 ) -> tuple[list[Tensor], list[Tensor]] | None:
-    """The k-th largest ``|tau_t|`` per task in one pass over the data, with the magnitudes
-    inside each task's bracket (in key order), or ``None`` when the sample's bracket missed it
-    (a sample unlike the data).
+    """The k-th largest ``|tau_t|`` per task in one pass over the data, with the non-zero
+    magnitudes inside each task's bracket (in key order), or ``None`` when the sample's bracket
+    missed it (a sample unlike the data).
 
     The pass only counts the values above the bracket and collects the few inside it;
-    ``kthvalue`` over that small set gives the exact answer. ``observer`` sees every key's task
-    vectors during the pass, so model-wide statistics that depend on the thresholds only
-    through the undecided values (TIES's majority sign) are gathered in the same read.
+    ``kthvalue`` over that small set gives the exact answer. ``observer`` sees every key during
+    the pass, so model-wide statistics that depend on the thresholds only through the undecided
+    values (TIES's majority sign) are gathered in the same read. Every full-size operation is a
+    float kernel (``hardshrink``, sums): comparisons that produce boolean tensors cost several
+    times more on CPUs, and the entries inside the brackets are found once per key for all
+    tasks. Exact zeros never enter the collected values; they are counted, as they are the
+    smallest magnitudes.
     """
     brackets = _sample_brackets(inputs, k)
+    lows = torch.stack([lo for lo, _ in brackets])[:, None]
+    tops = torch.stack([hi for _, hi in brackets])[:, None]
     above = [0] * inputs.n_tasks
+    zeros = [0] * inputs.n_tasks
     inside: list[list[Tensor]] = [[] for _ in range(inputs.n_tasks)]
     for key in inputs.keys:
         taus = [tau.reshape(-1) for tau in inputs.task_vectors(key)]
         highs: list[Tensor] = []
-        mids: list[Tensor] = []
+        spread: Tensor | None = None  # sum of |inside values|: non-zero where any task is inside
         for task, tau in enumerate(taus):
-            lo, hi = (b.to(tau.device) for b in brackets[task])
-            magnitude = tau.abs() if observer is not None else tau.abs_()
-            high = magnitude > hi
-            mid = (magnitude >= lo) & (magnitude <= hi)
-            above[task] += int(high.sum())
-            inside[task].append(magnitude[mid])
+            lo, hi = brackets[task]
+            high = torch.nn.functional.hardshrink(tau, float(hi))
+            at_least = torch.nn.functional.hardshrink(tau, float(torch.nextafter(lo, lo * 0)))
+            above[task] += _nonzero_count(high)
+            if float(lo) == 0.0:
+                zeros[task] += tau.numel() - _nonzero_count(at_least)
+            middle = at_least.sub_(high).abs_()
+            spread = middle if spread is None else spread.add_(middle)
             highs.append(high)
-            mids.append(mid)
+        assert spread is not None
+        where = spread.nonzero().squeeze(1)
+        values = torch.stack([tau.index_select(0, where) for tau in taus])
+        magnitude = values.abs()
+        high = magnitude > tops.to(magnitude)
+        mid = (magnitude >= lows.to(magnitude)) & ~high & (magnitude != 0)
+        for task in range(inputs.n_tasks):
+            inside[task].append(magnitude[task][mid[task]])
         if observer is not None:
-            observer(key, taus, highs, mids)
+            observer(highs, where, values, high, mid)
     result: list[Tensor] = []
     collected: list[Tensor] = []
     for task in range(inputs.n_tasks):
         values = torch.cat(inside[task])
         needed = k - above[task]
-        if not 0 < needed <= values.numel():
+        if not 0 < needed <= values.numel() + zeros[task]:
             return None
-        result.append(values.kthvalue(values.numel() - needed + 1).values.cpu())
+        if needed > values.numel():
+            result.append(values.new_zeros(()).cpu())
+        else:
+            result.append(values.kthvalue(values.numel() - needed + 1).values.cpu())
         collected.append(values)
     return result, collected
 
@@ -666,10 +694,18 @@ def _disjoint(
     coordinate is recomputed later, so the cheaper ``value * elected > 0`` decides.
     """
     if signed:
-        agree = [torch.mul(value, elected) > 0 for value in trimmed]
-    else:
-        positive = elected > 0
-        agree = [torch.where(positive, value > 0, value < 0) for value in trimmed]
+        # |value| where it carries the elected sign (elected is -1, 0 or 1): float kernels only
+        agreeing = [torch.relu(torch.mul(value, elected)) for value in trimmed]
+        if rule == "max":
+            return _maximum(agreeing).mul_(elected).add_(0.0)
+        # same-signed values sum to the sign times their magnitudes' sum, rounding alike
+        total = _accumulate(agreeing).mul_(elected).add_(0.0)  # + 0.0: no negative zeros
+        if rule == "sum":
+            return total
+        count = _accumulate(torch.sign(a) for a in agreeing)
+        return total.div_(count.clamp_(min=1))
+    positive = elected > 0
+    agree = [torch.where(positive, value > 0, value < 0) for value in trimmed]
     if rule == "max":
         largest = _maximum(torch.where(a, v.abs(), 0.0) for a, v in zip(agree, trimmed))
         return largest.mul_(elected)
@@ -759,12 +795,11 @@ def _ties_elect(
     trimmed = [_trim(t, limit) for t, limit in zip(taus, limits)]
     total = _accumulate(trimmed)
     elected = torch.sign(total)
-    cancelled = total == 0
-    support = trimmed[0] != 0
-    for value in trimmed[1:]:
-        support.logical_or_(value != 0)
-    where = cancelled.logical_and_(support).reshape(-1).nonzero().squeeze(1)
-    return trimmed, elected, where
+    # non-zero exactly where the kept values are not all zero but their sum is (float kernels)
+    cancelled = _accumulate(t.abs() for t in trimmed).mul_(1 - elected.abs())
+    if not cancelled.numel() or not float(cancelled.max()):
+        return trimmed, elected, cancelled.new_empty(0, dtype=torch.long)
+    return trimmed, elected, cancelled.reshape(-1).nonzero().squeeze(1)
 
 
 def _trim(tau: Tensor, limit: Tensor) -> Tensor:
@@ -803,13 +838,13 @@ def _ties_prepass(inputs: MergeInputs, options: Mapping[str, Any]) -> dict[str, 
 class _ElectionTally:
     """The sum of TIES's elected signs over the model, gathered while the thresholds are found.
 
-    Before the thresholds are known, a coordinate is decided when none of its magnitudes lies
-    inside its task's bracket: its kept values, so its elected sign, are known. With exactly one
-    magnitude inside a bracket (almost every other coordinate) there are two candidate signs,
-    with and without that value; both are kept (one byte beside the value the selection keeps
-    anyway) and chosen once the value's threshold is known. Coordinates with two or more
-    undecided magnitudes (rare) keep their task vectors. Sums run in task order with the same
-    values as the merge itself, so the signs, and the majority, are the merge's exactly.
+    Before the thresholds are known, a coordinate is decided when none of its non-zero
+    magnitudes lies inside its task's bracket: its kept values, so its elected sign, are known.
+    With exactly one inside a bracket (almost every other coordinate) there are two candidate
+    signs, with and without that value; both are kept (one byte beside the value the selection
+    keeps anyway) and chosen once the value's threshold is known. Coordinates with two or more
+    undecided values (rare) keep their task vectors. Sums run in task order over the same values
+    as the merge itself, so the signs, and the majority, are the merge's exactly.
     """
 
     def __init__(self) -> None:
@@ -818,24 +853,28 @@ class _ElectionTally:
         self.undecided: list[Tensor] = []
 
     def __call__(
-        self, key: str, taus: list[Tensor], highs: list[Tensor], mids: list[Tensor]
+        self, highs: list[Tensor], where: Tensor, values: Tensor, high: Tensor, mid: Tensor
     ) -> None:
         if not self.codes:
-            self.codes = [[] for _ in taus]
-        open_count = _accumulate(mid.to(torch.uint8) for mid in mids)
-        without = torch.sign(_accumulate(torch.where(h, t, 0.0) for h, t in zip(highs, taus)))
-        decided = open_count == 0
-        self.balance += int(without[decided].sum(dtype=torch.float64))
-        kept = (h | m for h, m in zip(highs, mids))
-        with_value = torch.sign(_accumulate(torch.where(k, t, 0.0) for k, t in zip(kept, taus)))
-        # code 0: the coordinate has several undecided values; else 1 + 3 (s_without + 1) + s_with + 1
+            self.codes = [[] for _ in highs]
+        without = torch.sign(_accumulate(highs))
+        # every coordinate as if decided, then the undecided ones replaced
+        self.balance += int(without.sum(dtype=torch.float64))
+        if not where.numel():
+            return
+        self.balance -= int(without.index_select(0, where).sum(dtype=torch.float64))
+        zero = values.new_zeros(())
+        without = torch.sign(_accumulate(torch.where(high, values, zero).unbind(0)))
+        with_value = torch.sign(_accumulate(torch.where(high | mid, values, zero).unbind(0)))
+        open_count = mid.sum(0)
+        # code 0: several undecided values; else 1 + 3 (s_without + 1) + (s_with + 1)
         code = ((without + 1) * 3 + with_value + 2).to(torch.int8)
         code.masked_fill_(open_count != 1, 0)
-        for task, mid in enumerate(mids):
-            self.codes[task].append(code[mid])
+        for task in range(values.shape[0]):
+            self.codes[task].append(code[mid[task]])
         several = open_count > 1
         if bool(several.any()):
-            self.undecided.append(torch.stack([tau[several] for tau in taus]))
+            self.undecided.append(values[:, several])
 
     def majority(self, thresholds: list[Tensor], inside: list[Tensor]) -> float:
         """The sign of the summed elected signs (0 when they balance exactly)."""
