@@ -61,8 +61,10 @@ theta_0's and the callback does the rest)."""
 _COMMON_OPTIONS = ("bn_stats", "keys")
 _DIGIT_BITS = 16
 _DIGITS = 1 << _DIGIT_BITS
-_SAMPLE = 1 << 20  # magnitudes per task that bracket a global TIES threshold
-_SAMPLE_MARGIN = 0.002  # extra bracket width, as a fraction of the sample
+_SAMPLE = 1 << 22  # magnitudes per task that bracket a global TIES threshold
+_SAMPLE_MARGIN = 0.0005  # extra bracket width, as a fraction of the sample
+# A narrow bracket keeps few undecided values (memory flat in the number of tasks); a missed one
+# costs the radix select's two passes, never a wrong threshold.
 
 
 @dataclass(frozen=True)
@@ -329,9 +331,9 @@ def _int_view(dtype: torch.dtype) -> tuple[torch.dtype, int]:
     raise ValueError(f"radix select supports float32/float64, got {dtype}")
 
 
-KeyObserver = Callable[[list[Tensor], Tensor, Tensor, Tensor, Tensor], None]
-"""Called by the counting pass of :func:`_bracketed_select` with each key's flat task vectors
-kept above the brackets (``|tau| > hi``, else 0), the flat indices where some task has a
+KeyObserver = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor], None]
+"""Called by the counting pass of :func:`_bracketed_select` with each key's flat sum, in task
+order, of the values above the brackets (``|tau| > hi``), the flat indices where some task has a
 non-zero magnitude inside its bracket, every task's values there (``tasks x len(indices)``),
 and which of those are above and which inside their task's bracket."""
 
@@ -358,13 +360,14 @@ def _sample_brackets(inputs: MergeInputs, k: int) -> list[tuple[Tensor, Tensor]]
             samples[task].append(sample.abs_())
     brackets = []
     for parts in samples:
-        ordered = torch.cat(parts).sort(descending=True).values
-        m = ordered.numel()
+        sample = torch.cat(parts)
+        m = sample.numel()
         rank = k * m / n  # the target's expected rank in the sample (0-based from the top)
         spread = 6.0 * math.sqrt(max(rank * (1.0 - rank / m), 1.0)) + _SAMPLE_MARGIN * m
         upper, lower = int(rank - spread), int(math.ceil(rank + spread))
-        hi = ordered[upper] if upper >= 0 else ordered.new_tensor(math.inf)
-        lo = ordered[lower] if lower < m else ordered.new_tensor(0.0)
+        # the sample's (upper + 1)-th and (lower + 1)-th largest values
+        hi = sample.kthvalue(m - upper).values if upper >= 0 else sample.new_tensor(math.inf)
+        lo = sample.kthvalue(m - lower).values if lower < m else sample.new_tensor(0.0)
         brackets.append((lo, hi))
     return brackets
 
@@ -393,7 +396,7 @@ def _bracketed_select(
     inside: list[list[Tensor]] = [[] for _ in range(inputs.n_tasks)]
     for key in inputs.keys:
         taus = [tau.reshape(-1) for tau in inputs.task_vectors(key)]
-        highs: list[Tensor] = []
+        kept: Tensor | None = None  # the sum of the values above the brackets, in task order
         spread: Tensor | None = None  # sum of |inside values|: non-zero where any task is inside
         for task, tau in enumerate(taus):
             lo, hi = brackets[task]
@@ -404,8 +407,8 @@ def _bracketed_select(
                 zeros[task] += tau.numel() - _nonzero_count(at_least)
             middle = at_least.sub_(high).abs_()
             spread = middle if spread is None else spread.add_(middle)
-            highs.append(high)
-        assert spread is not None
+            kept = high if kept is None else kept.add_(high)
+        assert spread is not None and kept is not None
         where = spread.nonzero().squeeze(1)
         values = torch.stack([tau.index_select(0, where) for tau in taus])
         magnitude = values.abs()
@@ -414,7 +417,7 @@ def _bracketed_select(
         for task in range(inputs.n_tasks):
             inside[task].append(magnitude[task][mid[task]])
         if observer is not None:
-            observer(highs, where, values, high, mid)
+            observer(kept, where, values, high, mid)
     result: list[Tensor] = []
     collected: list[Tensor] = []
     for task in range(inputs.n_tasks):
@@ -694,16 +697,21 @@ def _disjoint(
     coordinate is recomputed later, so the cheaper ``value * elected > 0`` decides.
     """
     if signed:
-        # |value| where it carries the elected sign (elected is -1, 0 or 1): float kernels only
-        agreeing = [torch.relu(torch.mul(value, elected)) for value in trimmed]
-        if rule == "max":
-            return _maximum(agreeing).mul_(elected).add_(0.0)
-        # same-signed values sum to the sign times their magnitudes' sum, rounding alike
-        total = _accumulate(agreeing).mul_(elected).add_(0.0)  # + 0.0: no negative zeros
-        if rule == "sum":
-            return total
-        count = _accumulate(torch.sign(a) for a in agreeing)
-        return total.div_(count.clamp_(min=1))
+        # |value| where it carries the elected sign (elected is -1, 0 or 1): float kernels only,
+        # one task at a time; same-signed values sum to the sign times their magnitudes' sum,
+        # rounding alike, and + 0.0 leaves no negative zeros
+        total = count = None
+        for value in trimmed:
+            agreeing = torch.relu(torch.mul(value, elected))
+            if total is None:
+                total, count = agreeing, torch.sign(agreeing)
+            elif rule == "max":
+                torch.maximum(total, agreeing, out=total)
+            else:
+                total.add_(agreeing)
+                count.add_(torch.sign(agreeing))
+        total = total.mul_(elected).add_(0.0)
+        return total if rule != "mean" else total.div_(count.clamp_(min=1))
     positive = elected > 0
     agree = [torch.where(positive, value > 0, value < 0) for value in trimmed]
     if rule == "max":
@@ -853,11 +861,11 @@ class _ElectionTally:
         self.undecided: list[Tensor] = []
 
     def __call__(
-        self, highs: list[Tensor], where: Tensor, values: Tensor, high: Tensor, mid: Tensor
+        self, kept: Tensor, where: Tensor, values: Tensor, high: Tensor, mid: Tensor
     ) -> None:
         if not self.codes:
-            self.codes = [[] for _ in highs]
-        without = torch.sign(_accumulate(highs))
+            self.codes = [[] for _ in range(values.shape[0])]
+        without = torch.sign(kept)
         # every coordinate as if decided, then the undecided ones replaced
         self.balance += int(without.sum(dtype=torch.float64))
         if not where.numel():
