@@ -31,6 +31,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from lightning_simo.callbacks.guard import NonFiniteLossError
 from lightning_simo.callbacks.merge import MergeCallback
 from lightning_simo.callbacks.resume import InterruptionCheckpoint, received_signal
+from lightning_simo.callbacks.visualize import ImageLogger
 from lightning_simo.checkpoint_io import AtomicCheckpointIO
 from lightning_simo.checkpoints import (
     CheckpointError,
@@ -124,6 +125,13 @@ class SIMOCLI(LightningCLI):
             help="fit: replace the checkpoints of an earlier run in the run folder (without it, "
             "a run folder holding checkpoints is refused; --ckpt_path last resumes it instead)",
         )
+        parser.add_argument(
+            "--log_images",
+            type=bool,
+            default=True,
+            help="false: drop the config's ImageLogger (prediction panels take a few hundred "
+            "milliseconds per task and epoch; studies turn them off)",
+        )
         parser.link_arguments("data.tasks", "model.init_args.tasks", apply_on="instantiate")
         parser.link_arguments(
             "data.num_classes", "model.init_args.num_classes", apply_on="instantiate"
@@ -197,13 +205,15 @@ class SIMOCLI(LightningCLI):
         plugins = list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
         if not any(hasattr(p, "save_checkpoint") for p in plugins):
             trainer_config["plugins"] = [*plugins, AtomicCheckpointIO()]
-        if not any(
-            isinstance(c, InterruptionCheckpoint) for c in trainer_config.get("callbacks") or []
-        ):
+        callbacks = trainer_config.get("callbacks") or []
+        callbacks = list(callbacks) if isinstance(callbacks, (list, tuple)) else [callbacks]
+        if not any(isinstance(c, InterruptionCheckpoint) for c in callbacks):
             extra = [*extra, InterruptionCheckpoint()]  # a stopped fit saves where it stopped
         if trainer_config.get("enable_progress_bar") is False:  # the override wins over configs
-            callbacks = trainer_config.get("callbacks") or []
-            trainer_config["callbacks"] = [c for c in callbacks if not isinstance(c, ProgressBar)]
+            callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
+        if self._get(self.config_init, "log_images", default=True) is False:
+            callbacks = [c for c in callbacks if not isinstance(c, ImageLogger)]
+        trainer_config["callbacks"] = callbacks
         return self._instantiate_trainer(trainer_config, extra)
 
     # ------------------------------------------------------------------ run-folder rules

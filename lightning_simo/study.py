@@ -93,6 +93,9 @@ class StudySettings:
         mtl_weightings: joint-MTL weightings trained for comparison.
         mtl_epochs: the cap on joint-MTL epochs (same plateau rule as the single-task models).
         accelerator: Lightning accelerator for every stage.
+        log_images: keep the configs' prediction panels in TensorBoard (off by default: a
+            study is read from its tables, and the panels cost a few hundred milliseconds per
+            task and epoch of every stage).
         extra_args: more overrides passed to every task stage (last, so they win).
     """
 
@@ -135,6 +138,7 @@ class StudySettings:
     mtl_weightings: list[str] = field(default_factory=lambda: ["equal", "uncertainty", "gradnorm"])
     mtl_epochs: int = 30
     accelerator: str = "auto"
+    log_images: bool = False
     extra_args: list[str] = field(default_factory=list)
 
 
@@ -208,6 +212,7 @@ class _Seed:
             "seed_everything": self.seed,
             "trainer.accelerator": self.settings.accelerator,
             "trainer.default_root_dir": folder,
+            "log_images": self.settings.log_images,
         }
         return Overrides(config, values, tuple(self.settings.extra_args))
 

@@ -93,3 +93,31 @@ def test_single_task_fit_writes_checkpoints_named_by_task_and_tensorboard_events
     abs_err = [e.value for e in events.Scalars("val/depth/abs_err")]
     assert len(abs_err) == 2 and all(v > 0 for v in abs_err)
     assert [e.value for e in events.Scalars("train/samples_seen")] == [8.0, 16.0]
+
+
+@pytest.mark.parametrize("log_images", [None, "false"])
+def test_log_images_false_drops_the_image_logger_and_a_single_callback_is_kept(
+    tmp_path: Path, log_images: str | None
+) -> None:
+    from lightning.pytorch.callbacks import LearningRateMonitor
+
+    from lightning_simo.callbacks.resume import InterruptionCheckpoint
+    from lightning_simo.callbacks.visualize import ImageLogger
+    from lightning_simo.cli import build_cli
+
+    args = [
+        "--config",
+        str(REPO / "configs/synthetic/single_task.yaml"),
+        f"--model.encoder={yaml.safe_dump({**TINY_VIT, 'checkpoint': None}, default_flow_style=True)}",
+        f"--trainer.default_root_dir={tmp_path}",
+        "--trainer.accelerator=cpu",
+    ]
+    cli = build_cli(args + ([f"--log_images={log_images}"] if log_images else []), run=False)
+    kinds = [type(c) for c in cli.trainer.callbacks]
+    assert (ImageLogger in kinds) == (log_images is None)
+    assert InterruptionCheckpoint in kinds
+    # one callback given as a mapping, not a list, is a list of one
+    single = "{class_path: lightning.pytorch.callbacks.LearningRateMonitor}"
+    cli = build_cli([*args, f"--trainer.callbacks={single}"], run=False)
+    kinds = [type(c) for c in cli.trainer.callbacks]
+    assert LearningRateMonitor in kinds and InterruptionCheckpoint in kinds

@@ -121,6 +121,8 @@ FAST_TRAINER = (
     "0",
     "--data.init_args.pin_memory",
     "false",
+    "--log_images",  # the panels are checked in test_cli.py and test_loggers.py
+    "false",
 )
 
 
