@@ -85,9 +85,11 @@ def cli_overrides(
     root: Path, trainer: dict[str, Any] | None = None, data: dict[str, Any] | None = None
 ) -> dict[str, Any]:
     """A config layered over the repo's synthetic configs: tiny model and data, and a trainer
-    writing to ``root`` with the quiet settings (checkpointing stays the config's)."""
+    writing to ``root`` with the quiet settings (checkpointing stays the config's) and without
+    prediction panels (test_cli.py and test_loggers.py check those)."""
     quiet = {k: v for k, v in QUIET_TRAINER.items() if k != "enable_checkpointing"}
     return {
+        "log_images": False,
         "trainer": {"default_root_dir": str(root), **quiet, **(trainer or {})},
         "model": {"init_args": {"encoder": tiny_encoder()}},
         "data": {"init_args": {**CLI_SCENES, **(data or {})}},

@@ -519,6 +519,8 @@ def test_cli_tinting_improves_the_merged_model(tmp_path: Path) -> None:
         "false",
         "--trainer.log_every_n_steps",
         "1",
+        "--log_images",
+        "false",
         *[
             arg
             for key, value in E2E_DATA.items()
