@@ -26,7 +26,7 @@ from lightning_simo.callbacks.realign import FeatureCache
 from lightning_simo.checkpoints import encoder_state_dict, head_state_dicts, load_state_dict
 from lightning_simo.data.synthetic import SyntheticDataModule
 from lightning_simo.evaluation import delta_mtl, evaluate_net, mean_normalized_performance
-from lightning_simo.merging import merge
+from lightning_simo.merging import MERGE_METHODS, merge
 from lightning_simo.models.encoders import Encoder
 from lightning_simo.modules.simo import SIMOModule
 
@@ -469,3 +469,42 @@ def test_reestimated_bn_statistics_differ_from_the_pretrained_ones(tmp_path: Pat
             continue
         assert torch.equal(value, theta0[key]), key
         assert not torch.allclose(reestimated[key], value), key
+
+
+# ---------------------------------------------------------------------------- every method, CLI
+@pytest.mark.slow
+@pytest.mark.parametrize("method", MERGE_METHODS.names())
+def test_every_method_fits_with_head_realignment_from_the_command_line(
+    method: str, single_tasks: SingleTasks, tmp_path: Path
+) -> None:
+    """``fit --config configs/synthetic/merge.yaml --merge.method <each> --merge.realign heads``
+    (data-based methods gather their statistics on the run's images)."""
+    import yaml
+    from conftest import cli_overrides
+
+    from lightning_simo.cli import main
+
+    run = tmp_path / "run"
+    config = cli_overrides(run, {"max_epochs": 1})
+    encoder = config["model"]["init_args"]["encoder"]
+    encoder["checkpoint"] = str(single_tasks.theta0)
+    config["model"]["init_args"]["reference_metrics"] = single_tasks.references
+    config["merge"] = {"checkpoints": single_tasks.checkpoints, "search_grid": [0.5, 1.0]}
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(config))
+    merge_yaml = Path(__file__).resolve().parents[1] / "configs" / "synthetic" / "merge.yaml"
+    main(
+        ["fit", "--config", str(merge_yaml), "--config", str(path)]
+        + ["--merge.method", method, "--merge.realign", "heads"]
+    )
+    state = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    merged = next(v for k, v in state["callbacks"].items() if k.startswith("MergeCallback"))
+    assert merged["method"] == method and set(merged["paths"]) == set(single_tasks.checkpoints)
+    assert state["global_step"] >= 1  # the heads trained
+    theta0 = load_state_dict(single_tasks.theta0)
+    moved = [
+        k
+        for k, v in theta0.items()
+        if v.is_floating_point() and not torch.equal(state["state_dict"][k], v)
+    ]
+    assert moved, f"{method} left the encoder at θ0"
