@@ -391,6 +391,10 @@ def _bracketed_select(
     brackets = _sample_brackets(inputs, k)
     lows = torch.stack([lo for lo, _ in brackets])[:, None]
     tops = torch.stack([hi for _, hi in brackets])[:, None]
+    # hardshrink arguments, once: |x| > ceiling is above the bracket, |x| > floor at least in it
+    ceilings = [float(hi) for _, hi in brackets]
+    floors = [_just_below(lo) for lo, _ in brackets]
+    from_zero = [float(lo) == 0.0 for lo, _ in brackets]  # every exact zero is inside
     above = [0] * inputs.n_tasks
     zeros = [0] * inputs.n_tasks
     inside: list[list[Tensor]] = [[] for _ in range(inputs.n_tasks)]
@@ -399,15 +403,14 @@ def _bracketed_select(
         kept: Tensor | None = None  # the sum of the values above the brackets, in task order
         spread: Tensor | None = None  # sum of |inside values|: non-zero where any task is inside
         for task, tau in enumerate(taus):
-            lo, hi = brackets[task]
-            high = torch.nn.functional.hardshrink(tau, float(hi))
-            at_least = torch.nn.functional.hardshrink(tau, float(torch.nextafter(lo, lo * 0)))
-            above[task] += _nonzero_count(high)
-            if float(lo) == 0.0:
+            over = torch.nn.functional.hardshrink(tau, ceilings[task])
+            at_least = torch.nn.functional.hardshrink(tau, floors[task])
+            above[task] += _nonzero_count(over)
+            if from_zero[task]:
                 zeros[task] += tau.numel() - _nonzero_count(at_least)
-            middle = at_least.sub_(high).abs_()
+            middle = at_least.sub_(over).abs_()
             spread = middle if spread is None else spread.add_(middle)
-            kept = high if kept is None else kept.add_(high)
+            kept = over if kept is None else kept.add_(over)
         assert spread is not None and kept is not None
         where = spread.nonzero().squeeze(1)
         values = torch.stack([tau.index_select(0, where) for tau in taus])
@@ -810,14 +813,18 @@ def _ties_elect(
     return trimmed, elected, cancelled.reshape(-1).nonzero().squeeze(1)
 
 
+def _just_below(limit: Tensor) -> float:
+    """The next float below ``limit`` (0 for 0): ``hardshrink`` keeps ``|x| > lambd``, so with
+    this ``lambd`` it keeps exactly ``|x| >= limit``."""
+    return float(torch.nextafter(limit, torch.zeros_like(limit)))
+
+
 def _trim(tau: Tensor, limit: Tensor) -> Tensor:
     """``tau`` where ``|tau| >= limit``, else 0 (the reference's ``M * mask``, in one kernel).
 
-    ``hardshrink`` keeps ``|x| > lambd``; with ``lambd`` the next float below ``limit`` that is
-    exactly ``|x| >= limit``. Kept zeros (``limit`` 0) and dropped values are both 0, so the
-    signs, sums and merged values equal the reference's."""
-    below = torch.nextafter(limit, torch.zeros_like(limit))
-    return torch.nn.functional.hardshrink(tau, float(below))
+    Kept zeros (``limit`` 0) and dropped values are both 0, so the signs, sums and merged values
+    equal the reference's."""
+    return torch.nn.functional.hardshrink(tau, _just_below(limit))
 
 
 def _ties_prepass(inputs: MergeInputs, options: Mapping[str, Any]) -> dict[str, Any]:
