@@ -9,9 +9,12 @@ import pytest
 import torch
 import yaml
 from conftest import TINY_VIT
+from lightning.pytorch.callbacks import LearningRateMonitor
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from lightning_simo.cli import main
+from lightning_simo.callbacks.resume import InterruptionCheckpoint
+from lightning_simo.callbacks.visualize import ImageLogger
+from lightning_simo.cli import build_cli, main
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -99,12 +102,6 @@ def test_single_task_fit_writes_checkpoints_named_by_task_and_tensorboard_events
 def test_log_images_false_drops_the_image_logger_and_a_single_callback_is_kept(
     tmp_path: Path, log_images: str | None
 ) -> None:
-    from lightning.pytorch.callbacks import LearningRateMonitor
-
-    from lightning_simo.callbacks.resume import InterruptionCheckpoint
-    from lightning_simo.callbacks.visualize import ImageLogger
-    from lightning_simo.cli import build_cli
-
     args = [
         "--config",
         str(REPO / "configs/synthetic/single_task.yaml"),

@@ -17,13 +17,23 @@ from typing import Any
 import lightning as L
 import pytest
 import torch
-from conftest import TINY_VIT, LossRecorder, SingleTasks, cpu_trainer, tiny_datamodule, tiny_module
+import yaml
+from conftest import (
+    TINY_VIT,
+    LossRecorder,
+    SingleTasks,
+    cli_overrides,
+    cpu_trainer,
+    tiny_datamodule,
+    tiny_module,
+)
 from lightning.pytorch.loggers import Logger
 from torch import Tensor
 
 from lightning_simo.callbacks.merge import MergeCallback
 from lightning_simo.callbacks.realign import FeatureCache
 from lightning_simo.checkpoints import encoder_state_dict, head_state_dicts, load_state_dict
+from lightning_simo.cli import main
 from lightning_simo.data.synthetic import SyntheticDataModule
 from lightning_simo.evaluation import delta_mtl, evaluate_net, mean_normalized_performance
 from lightning_simo.merging import MERGE_METHODS, merge
@@ -479,11 +489,6 @@ def test_every_method_fits_with_head_realignment_from_the_command_line(
 ) -> None:
     """``fit --config configs/synthetic/merge.yaml --merge.method <each> --merge.realign heads``
     (data-based methods gather their statistics on the run's images)."""
-    import yaml
-    from conftest import cli_overrides
-
-    from lightning_simo.cli import main
-
     run = tmp_path / "run"
     config = cli_overrides(run, {"max_epochs": 1})
     encoder = config["model"]["init_args"]["encoder"]
