@@ -557,6 +557,10 @@ def run_stage(
             trainer = getattr(result, "trainer", None)
             if trainer is not None:
                 record["epochs"] = int(trainer.current_epoch)
+                # from the trainer, not last.ckpt: Lightning rewrites last.ckpt only in an
+                # epoch that also saved a top-k checkpoint, so after the val loss's last
+                # minimum it holds the best epoch's step
+                record["optimizer_steps"] = int(trainer.global_step)
         if command == "test" and result is not None and not _complete_metrics(stage, began):
             save("failed", during=command)
             raise StageError(
@@ -569,7 +573,8 @@ def run_stage(
 def collect_row(stage: Stage, record: dict, settings: StudySettings) -> dict[str, Any] | None:
     """One results-table row from a stage's ``test_metrics.json``, checkpoint and records.
 
-    Costs: ``epochs`` trained, ``optimizer_steps`` (the last checkpoint's step),
+    Costs: ``epochs`` trained, ``optimizer_steps`` (the trainer's step at the end of the fit;
+    the last checkpoint's for records written before it was kept),
     ``labelled_samples`` (distinct labelled images the stage trained on), encoder
     ``encoder_forward`` / ``encoder_backward`` images (fit and α search, not the test loop;
     :mod:`lightning_simo.callbacks.costs`) and the stage's wall time.
@@ -581,7 +586,10 @@ def collect_row(stage: Stage, record: dict, settings: StudySettings) -> dict[str
     row.update(payload.get("metrics", {}))
     row["trainable_params"] = payload.get("trainable_params")
     row["epochs"] = record.get("epochs", _checkpoint_epochs(stage.folder)) if stage.fit else 0
-    row["optimizer_steps"] = _checkpoint_step(stage.folder) if stage.fit else 0
+    steps = record.get("optimizer_steps")
+    row["optimizer_steps"] = (
+        (steps if steps is not None else _checkpoint_step(stage.folder)) if stage.fit else 0
+    )
     group = stage.row.get("group")
     if group in ("single-task", "mtl"):
         row["labelled_samples"] = int(settings.data.get("num_train", 0))

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import csv
+import json
 import math
 from pathlib import Path
 
 import pytest
+import torch
 
-from lightning_simo.study import StudySettings, plan_stages, run_study
+from lightning_simo.study import Stage, StudySettings, collect_row, plan_stages, run_study
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_ENCODER = [
@@ -160,3 +162,21 @@ def test_force_is_a_switch_on_the_command_line():
     assert _flags_as_switches(["--force", "false"]) == ["--force", "false"]
     cfg = build_parser().parse_args(_flags_as_switches(["--force"]))
     assert cfg.force is True
+
+
+def test_optimizer_steps_come_from_the_fit_not_from_a_stale_last_checkpoint(tmp_path):
+    """Lightning leaves last.ckpt at the best epoch once the val loss stops improving; the
+    steps in the table are the ones the fit took (the record), the checkpoint only for records
+    without them."""
+    folder = tmp_path / "mtl" / "equal"
+    (folder / "checkpoints").mkdir(parents=True)
+    last = {"global_step": 192, "epoch": 11, "state_dict": {}, "pytorch-lightning_version": "2.5"}
+    torch.save(last, folder / "checkpoints" / "last.ckpt")
+    metrics = {"metrics": {"depth/abs_err": 1.0}, "tasks": ["depth"], "trainable_params": 10}
+    (folder / "test_metrics.json").write_text(json.dumps(metrics))
+    stage = Stage("mtl/equal", folder, ["fit"], ["test"], {"method": "joint MTL (equal)"})
+    settings = StudySettings(out=str(tmp_path))
+    record = {"status": "done", "epochs": 15, "optimizer_steps": 240, "wall_time_s": 1.0}
+    assert collect_row(stage, record, settings)["optimizer_steps"] == 240
+    del record["optimizer_steps"]
+    assert collect_row(stage, record, settings)["optimizer_steps"] == 192
