@@ -585,11 +585,16 @@ def collect_row(stage: Stage, record: dict, settings: StudySettings) -> dict[str
     row: dict[str, Any] = {k: v for k, v in stage.row.items() if k != "labelled"}
     row.update(payload.get("metrics", {}))
     row["trainable_params"] = payload.get("trainable_params")
-    row["epochs"] = record.get("epochs", _checkpoint_epochs(stage.folder)) if stage.fit else 0
-    steps = record.get("optimizer_steps")
-    row["optimizer_steps"] = (
-        (steps if steps is not None else _checkpoint_step(stage.folder)) if stage.fit else 0
-    )
+    for key, from_checkpoint in (
+        ("epochs", _checkpoint_epochs),
+        ("optimizer_steps", _checkpoint_step),
+    ):
+        if not stage.fit:
+            row[key] = 0
+        elif record.get(key) is not None:
+            row[key] = record[key]
+        else:  # a record written before the fit's counts were kept
+            row[key] = from_checkpoint(stage.folder)
     group = stage.row.get("group")
     if group in ("single-task", "mtl"):
         row["labelled_samples"] = int(settings.data.get("num_train", 0))
