@@ -557,9 +557,7 @@ def run_stage(
             trainer = getattr(result, "trainer", None)
             if trainer is not None:
                 record["epochs"] = int(trainer.current_epoch)
-                # from the trainer, not last.ckpt: Lightning rewrites last.ckpt only in an
-                # epoch that also saved a top-k checkpoint, so after the val loss's last
-                # minimum it holds the best epoch's step
+                # from the trainer: a record needs no checkpoint to be read back
                 record["optimizer_steps"] = int(trainer.global_step)
         if command == "test" and result is not None and not _complete_metrics(stage, began):
             save("failed", during=command)

@@ -1,4 +1,11 @@
-"""InterruptionCheckpoint: a fit stopped by SIGTERM or Ctrl+C leaves a ``last.ckpt`` where it stopped.
+"""InterruptionCheckpoint: ``last.ckpt`` is always where training is, stopped or not.
+
+Lightning's ``ModelCheckpoint(save_last=True)`` rewrites ``last.ckpt`` only when a top-k checkpoint
+is saved at the same step, so once the monitored loss stops improving ``last.ckpt`` stays at the
+best epoch: a run resumed after SIGKILL repeats epochs, and every stage that reads ``last.ckpt``
+(the foundation's θ0, the re-aligned models the study tests) gets an older model than the fit
+ended with. This callback saves ``last.ckpt`` at the end of every epoch and of the fit where its
+``ModelCheckpoint`` did not.
 
 Lightning stops a fit on SIGTERM at the end of a training step (after every rank agreed) but saves
 nothing there, so the last checkpoint is the last epoch's, and a stop in the first epoch leaves
@@ -22,6 +29,7 @@ from __future__ import annotations
 import signal
 import sys
 import threading
+from collections.abc import Callable
 from types import FrameType
 from typing import Any
 
@@ -33,7 +41,7 @@ __all__ = ["InterruptionCheckpoint", "received_signal"]
 
 
 class InterruptionCheckpoint(L.Callback):
-    """Save ``last.ckpt`` at the step where SIGTERM or a first Ctrl+C stopped training."""
+    """Keep ``last.ckpt`` at the latest epoch, and save it where SIGTERM or Ctrl+C stopped training."""
 
     def __init__(self) -> None:
         self.signum: int | None = None
@@ -71,13 +79,32 @@ class InterruptionCheckpoint(L.Callback):
             signal.signal(signal.SIGINT, self._previous_sigint)
         self._trainer, self._previous_sigint = None, None
 
-    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._restore_sigint()
-
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self._restore_sigint()
 
-    # ------------------------------------------------------------------ the checkpoint
+    # ------------------------------------------------------------------ the latest epoch
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # ModelCheckpoint has finished this epoch by now when it saves after validation (it runs
+        # in on_validation_end, before any on_train_epoch_end); one that saves at the train
+        # epoch's end runs after this hook, so on_train_end covers it
+        self._save_stale_last(trainer, lambda c: not c._should_save_on_train_epoch_end(trainer))
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._restore_sigint()
+        self._save_stale_last(trainer, lambda callback: True)
+
+    @staticmethod
+    def _save_stale_last(trainer: L.Trainer, applies: Callable[[ModelCheckpoint], bool]) -> None:
+        for callback in trainer.checkpoint_callbacks:
+            if (
+                isinstance(callback, ModelCheckpoint)
+                and callback.save_last is True  # "link" points at a top-k file by design
+                and not callback._should_skip_saving_checkpoint(trainer)  # saved at this step
+                and applies(callback)
+            ):
+                callback._save_last_checkpoint(trainer, callback._monitor_candidates(trainer))
+
+    # ------------------------------------------------------------------ the interruption
     def on_exception(
         self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
     ) -> None:
@@ -88,13 +115,7 @@ class InterruptionCheckpoint(L.Callback):
             self.signum = signal.SIGTERM
         if not trainer.training or trainer.sanity_checking:
             return  # stopped inside validation: its metrics are half gathered
-        for callback in trainer.checkpoint_callbacks:
-            if (
-                isinstance(callback, ModelCheckpoint)
-                and callback.save_last
-                and callback._last_global_step_saved != trainer.global_step
-            ):
-                callback._save_last_checkpoint(trainer, callback._monitor_candidates(trainer))
+        self._save_stale_last(trainer, lambda callback: True)
 
 
 def received_signal(trainer: L.Trainer | None) -> int | None:
