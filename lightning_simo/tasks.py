@@ -114,13 +114,13 @@ def _regression_loss(pred: Tensor, target: Tensor) -> Tensor:
 
 
 def _normals_cosine_loss(pred: Tensor, target: Tensor) -> Tensor:
-    pred = F.normalize(pred.float(), dim=1)
+    pred = M.unit_vectors(pred.float())
     cos = (pred * target.float()).sum(dim=1, keepdim=True)
     return masked_mean(1.0 - cos, _normals_valid(target))
 
 
 def _normals_l1_loss(pred: Tensor, target: Tensor) -> Tensor:
-    pred = F.normalize(pred.float(), dim=1)
+    pred = M.unit_vectors(pred.float())
     per_pixel = (pred - target.float()).abs().sum(dim=1, keepdim=True)
     return masked_mean(per_pixel, _normals_valid(target))
 
@@ -135,7 +135,7 @@ def _raw_target(output: Tensor) -> Targets:
 
 
 def _unit_target(output: Tensor) -> Targets:
-    return (F.normalize(output, dim=1),)
+    return (M.unit_vectors(output),)
 
 
 def _sigmoid_target(output: Tensor) -> Targets:
@@ -155,7 +155,7 @@ def _l1_distill(student: Tensor, targets: Targets) -> tuple[Tensor, Tensor | Non
 
 def _cosine_distill(student: Tensor, targets: Targets) -> tuple[Tensor, Tensor | None]:
     (target,) = targets
-    cosine = (F.normalize(student, dim=1) * target).sum(dim=1)
+    cosine = (M.unit_vectors(student) * target).sum(dim=1)
     return (1.0 - cosine).mean(), None
 
 
@@ -241,7 +241,7 @@ def _show_scalar(x: Tensor) -> Tensor:
 
 
 def _show_normals(x: Tensor) -> Tensor:
-    x = F.normalize(x.float(), dim=0)
+    x = M.unit_vectors(x.float(), dim=0)
     return ((x + 1) / 2).clamp(0, 1)
 
 

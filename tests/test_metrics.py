@@ -285,3 +285,17 @@ def test_states_are_summed_across_processes() -> None:
         assert m._reductions, type(m).__name__
         for name, fx in m._reductions.items():
             assert fx is not None and fx.__name__ == "dim_zero_sum", (type(m).__name__, name)
+
+
+def test_unit_vectors_equal_f_normalize_in_value_and_gradient() -> None:
+    x = torch.randn(2, 3, 4, 5, dtype=torch.float64)
+    x[0, :, 0, 0] = 0.0  # a zero vector stays zero, as with F.normalize
+    x[1, :, 1, 1] = 1e-14  # below eps: divided by eps, not by its norm
+    ours = x.clone().requires_grad_(True)
+    theirs = x.clone().requires_grad_(True)
+    weights = torch.randn_like(x)
+    (M.unit_vectors(ours) * weights).sum().backward()
+    (torch.nn.functional.normalize(theirs, dim=1) * weights).sum().backward()
+    torch.testing.assert_close(M.unit_vectors(x), torch.nn.functional.normalize(x, dim=1))
+    torch.testing.assert_close(ours.grad, theirs.grad)
+    assert torch.equal(M.unit_vectors(x)[0, :, 0, 0], torch.zeros(3, dtype=torch.float64))
