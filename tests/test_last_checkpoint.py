@@ -44,7 +44,9 @@ def _loader() -> DataLoader:
     return DataLoader(TensorDataset(x, x.sum(1, keepdim=True)), batch_size=4)
 
 
-def _fit(folder: Path, *, on_train_epoch_end: bool, every_n_val: int, ours: bool) -> L.Trainer:
+def _fit(
+    folder: Path, *, on_train_epoch_end: bool | None, every_n_val: int, ours: bool
+) -> L.Trainer:
     checkpoint = ModelCheckpoint(
         dirpath=folder,
         filename="best",
@@ -73,11 +75,11 @@ def _saved_at(path: Path) -> tuple[int, int]:
 
 @pytest.mark.parametrize(
     ("on_train_epoch_end", "every_n_val"),
-    [(False, 1), (True, 1), (True, 3)],
-    ids=["after-validation", "at-train-epoch-end", "validation-every-3-epochs"],
+    [(None, 1), (False, 1), (True, 1), (True, 3)],
+    ids=["lightning-default", "after-validation", "at-train-epoch-end", "validation-every-3"],
 )
 def test_last_checkpoint_is_the_final_step_and_best_stays_the_best(
-    tmp_path: Path, on_train_epoch_end: bool, every_n_val: int
+    tmp_path: Path, on_train_epoch_end: bool | None, every_n_val: int
 ) -> None:
     trainer = _fit(
         tmp_path / "ckpt", on_train_epoch_end=on_train_epoch_end, every_n_val=every_n_val, ours=True
@@ -86,9 +88,7 @@ def test_last_checkpoint_is_the_final_step_and_best_stays_the_best(
     assert final_step == 2 * len(VAL_LOSSES)
     epoch, step = _saved_at(tmp_path / "ckpt" / "last.ckpt")
     assert step == final_step
-    # saved at the last epoch's end, or (when the ModelCheckpoint saves at the train epoch's end,
-    # after this callback's hook) at the fit's end, where Lightning counts that epoch as done
-    assert epoch == len(VAL_LOSSES) - (0 if on_train_epoch_end else 1)
+    assert epoch == len(VAL_LOSSES) - 1  # saved at the last epoch's end, not after the fit
     last = torch.load(tmp_path / "ckpt" / "last.ckpt", map_location="cpu", weights_only=True)
     final_weight = trainer.lightning_module.layer.weight.detach()
     assert torch.equal(last["state_dict"]["layer.weight"], final_weight)

@@ -29,7 +29,6 @@ from __future__ import annotations
 import signal
 import sys
 import threading
-from collections.abc import Callable
 from types import FrameType
 from typing import Any
 
@@ -48,6 +47,8 @@ class InterruptionCheckpoint(L.Callback):
         """The signal that stopped training (SIGINT is only known here: Lightning sees a stop)."""
         self._trainer: L.Trainer | None = None
         self._previous_sigint: Any = None
+        self._last_saved_step: dict[int, int] = {}
+        """Per ``ModelCheckpoint``: the step of the ``last.ckpt`` this callback saved."""
 
     # ------------------------------------------------------------------ Ctrl+C
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -84,25 +85,34 @@ class InterruptionCheckpoint(L.Callback):
 
     # ------------------------------------------------------------------ the latest epoch
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        # ModelCheckpoint has finished this epoch by now when it saves after validation (it runs
-        # in on_validation_end, before any on_train_epoch_end); one that saves at the train
-        # epoch's end runs after this hook, so on_train_end covers it
-        self._save_stale_last(trainer, lambda c: not c._should_save_on_train_epoch_end(trainer))
+        for callback in self._stale(trainer):
+            if not callback._should_save_on_train_epoch_end(trainer):
+                # it saves after validation, which has run: its decision for this epoch is made
+                callback._save_last_checkpoint(trainer, callback._monitor_candidates(trainer))
+                continue
+            # it decides after this hook (Lightning runs checkpoint callbacks last): save the
+            # latest state now, then hand the step back so that its own top-k decision runs as
+            # usual (an improvement then writes best.ckpt and rewrites last.ckpt)
+            previous = callback._last_global_step_saved
+            callback._save_last_checkpoint(trainer, callback._monitor_candidates(trainer))
+            callback._last_global_step_saved = previous
+            self._last_saved_step[id(callback)] = trainer.global_step
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._restore_sigint()
-        self._save_stale_last(trainer, lambda callback: True)
+        for callback in self._stale(trainer):  # a fit that ended inside an epoch (max_steps)
+            callback._save_last_checkpoint(trainer, callback._monitor_candidates(trainer))
 
-    @staticmethod
-    def _save_stale_last(trainer: L.Trainer, applies: Callable[[ModelCheckpoint], bool]) -> None:
-        for callback in trainer.checkpoint_callbacks:
-            if (
-                isinstance(callback, ModelCheckpoint)
-                and callback.save_last is True  # "link" points at a top-k file by design
-                and not callback._should_skip_saving_checkpoint(trainer)  # saved at this step
-                and applies(callback)
-            ):
-                callback._save_last_checkpoint(trainer, callback._monitor_candidates(trainer))
+    def _stale(self, trainer: L.Trainer) -> list[ModelCheckpoint]:
+        """The checkpoint callbacks whose ``last.ckpt`` is not at the current step."""
+        return [
+            callback
+            for callback in trainer.checkpoint_callbacks
+            if isinstance(callback, ModelCheckpoint)
+            and callback.save_last is True  # "link" points at a top-k file by design
+            and not callback._should_skip_saving_checkpoint(trainer)  # saved at this step
+            and self._last_saved_step.get(id(callback)) != trainer.global_step
+        ]
 
     # ------------------------------------------------------------------ the interruption
     def on_exception(
@@ -115,7 +125,8 @@ class InterruptionCheckpoint(L.Callback):
             self.signum = signal.SIGTERM
         if not trainer.training or trainer.sanity_checking:
             return  # stopped inside validation: its metrics are half gathered
-        self._save_stale_last(trainer, lambda callback: True)
+        for callback in self._stale(trainer):
+            callback._save_last_checkpoint(trainer, callback._monitor_candidates(trainer))
 
 
 def received_signal(trainer: L.Trainer | None) -> int | None:
