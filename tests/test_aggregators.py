@@ -216,7 +216,9 @@ def test_upgrad_and_dualproj_solve_the_dual_cone_problem(kind: str, tasks: int) 
         got = run(build_weighting(name, names(tasks)), sequence)
         assert_close(got, [reference(j, loss) for j, loss in sequence])
         # the defining property, no task is hurt, holds up to the Gramian's regularisation
-        exact = run(build_weighting(name, names(tasks), reg_eps=1e-9), sequence)
+        # (1e-7: TorchJD >= 0.18 normalises the float32 Gramian first, and quadprog refuses the
+        # near-collinear ones as not positive definite below about 1e-8)
+        exact = run(build_weighting(name, names(tasks), reg_eps=1e-7), sequence)
         for (j, _), d in zip(sequence, exact):
             assert (j @ d >= -1e-4 * j.norm(dim=1) * d.norm()).all()
 
