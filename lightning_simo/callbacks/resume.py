@@ -86,17 +86,16 @@ class InterruptionCheckpoint(L.Callback):
     # ------------------------------------------------------------------ the latest epoch
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         for callback in self._stale(trainer):
-            if not callback._should_save_on_train_epoch_end(trainer):
-                # it saves after validation, which has run: its decision for this epoch is made
-                callback._save_last_checkpoint(trainer, callback._monitor_candidates(trainer))
-                continue
-            # it decides after this hook (Lightning runs checkpoint callbacks last): save the
-            # latest state now, then hand the step back so that its own top-k decision runs as
-            # usual (an improvement then writes best.ckpt and rewrites last.ckpt)
+            # one that saves after validation has made this epoch's decision already; one that
+            # saves at the train epoch's end decides after this hook (Lightning runs checkpoint
+            # callbacks last), so it gets the step back and its top-k decision runs as usual (an
+            # improvement then writes best.ckpt and rewrites last.ckpt)
+            decides_later = callback._should_save_on_train_epoch_end(trainer)
             previous = callback._last_global_step_saved
             callback._save_last_checkpoint(trainer, callback._monitor_candidates(trainer))
-            callback._last_global_step_saved = previous
             self._last_saved_step[id(callback)] = trainer.global_step
+            if decides_later:
+                callback._last_global_step_saved = previous
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._restore_sigint()
