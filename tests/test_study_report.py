@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import math
 from pathlib import Path
 
@@ -140,21 +141,24 @@ class _FlatValLoss(L.LightningModule):
         return torch.utils.data.DataLoader(torch.zeros(2, 1), batch_size=2)
 
 
-def _config_early_stopping(name: str) -> dict:
+def _config_stopping_rule(name: str) -> tuple[type[EarlyStopping], dict]:
+    """The stopping callback of a synthetic config: its class (an ``EarlyStopping``) and options."""
     config = yaml.safe_load((REPO / "configs" / "synthetic" / f"{name}.yaml").read_text())
     for callback in config["trainer"]["callbacks"]:
-        if callback["class_path"].endswith("EarlyStopping"):
-            return callback["init_args"]
+        module, _, cls_name = callback["class_path"].rpartition(".")
+        cls = getattr(importlib.import_module(module), cls_name)
+        if issubclass(cls, EarlyStopping):
+            return cls, callback["init_args"]
     raise AssertionError(f"{name}.yaml has no EarlyStopping")
 
 
 @pytest.mark.parametrize("config", ["foundation", "single_task", "mtl"])
 def test_early_stopping_of_the_configs_stops_a_run_whose_val_loss_is_flat(tmp_path, config):
-    rule = _config_early_stopping(config)
+    cls, rule = _config_stopping_rule(config)
     assert rule["monitor"] == "val/loss"
     trainer = L.Trainer(
         max_epochs=50,
-        callbacks=[EarlyStopping(**rule)],
+        callbacks=[cls(**rule)],
         default_root_dir=tmp_path,
         logger=False,
         enable_checkpointing=False,

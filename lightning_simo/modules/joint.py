@@ -39,9 +39,11 @@ from typing import Any
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
+from torch.optim.lr_scheduler import ReduceLROnPlateau
 
 from lightning_simo.models.encoders import EncoderOutput
 from lightning_simo.modules.jacobian import split_like, surrogate, task_jacobian
+from lightning_simo.modules.schedules import PLATEAU_MONITOR
 from lightning_simo.modules.simo import SIMOModule
 from lightning_simo.weighting import GradNorm, GramianWeighting, Weighting, build_weighting
 
@@ -272,9 +274,7 @@ class JointMTLModule(SIMOModule):
         opt.zero_grad()
         self.manual_backward(surrogate(pairs))
         opt.step()
-        sched = self.lr_schedulers()
-        if sched is not None:
-            sched.step()
+        self._step_batch_schedule()
 
     def _manual_update(self, total: Tensor) -> None:
         """Backward, (clipping in :meth:`on_before_optimizer_step`), optimiser and schedule.
@@ -287,9 +287,22 @@ class JointMTLModule(SIMOModule):
         opt.zero_grad()
         self.manual_backward(total)
         opt.step()
+        self._step_batch_schedule()
+
+    def _step_batch_schedule(self) -> None:
+        """Manual optimisation steps its schedule itself: one cycle after every batch; the
+        plateau schedule needs the val loss and steps in :meth:`on_train_epoch_end`."""
         sched = self.lr_schedulers()
-        if sched is not None:
+        if sched is not None and not isinstance(sched, ReduceLROnPlateau):
             sched.step()
+
+    def _step_plateau_schedule(self) -> None:
+        """The plateau schedule under manual optimisation, after the epoch's validation (the
+        val loss is synchronised, so every rank takes the same decision)."""
+        sched = self.lr_schedulers()
+        loss = self.trainer.callback_metrics.get(PLATEAU_MONITOR)
+        if isinstance(sched, ReduceLROnPlateau) and loss is not None:
+            sched.step(float(loss))
 
     def on_before_optimizer_step(self, optimizer: Optimizer) -> None:
         """Clip with ``grad_clip``, after AMP unscaling, in automatic and manual mode alike."""
@@ -311,6 +324,8 @@ class JointMTLModule(SIMOModule):
     def on_train_epoch_end(self) -> None:
         """Give the strategy this epoch's average training losses, identical on every rank."""
         super().on_train_epoch_end()
+        if not self.automatic_optimization:
+            self._step_plateau_schedule()
         sums = torch.cat([self._epoch_loss_sum, self._epoch_steps.reshape(1)])
         sums = self.trainer.strategy.reduce(sums, reduce_op="sum")
         steps = float(sums[-1])

@@ -1,4 +1,5 @@
-"""The learning-rate schedule every module uses: one cycle with a warm-up (the SIMO recipe).
+"""The learning-rate schedules of every module: one cycle with a warm-up (the SIMO recipe), or a
+decay on a plateau of the val loss (for runs that stop on a plateau, where no fixed length exists).
 
 One place, because ``OneCycleLR`` divides by the length of each phase: a warm-up that rounds to
 one step, or a run of very few steps (small labelled budgets), would divide by zero; and because
@@ -11,7 +12,20 @@ from typing import Any
 
 import torch
 
-__all__ = ["MIN_ONE_CYCLE_STEPS", "one_cycle", "stepping_batches"]
+__all__ = [
+    "MIN_ONE_CYCLE_STEPS",
+    "PLATEAU_MONITOR",
+    "SCHEDULES",
+    "on_plateau",
+    "one_cycle",
+    "stepping_batches",
+]
+
+SCHEDULES = ("onecycle", "constant", "plateau")
+"""``onecycle``: the SIMO recipe over the fit's length; ``constant``; ``plateau``: the learning rate
+falls by ``plateau_factor`` after every validation without a new minimum of ``PLATEAU_MONITOR``."""
+
+PLATEAU_MONITOR = "val/loss"
 
 MIN_ONE_CYCLE_STEPS = 4
 """Shorter runs keep a constant learning rate (there is no room for warm-up and decay)."""
@@ -59,3 +73,22 @@ def one_cycle(
             cycle_momentum=False,
         )
     return {"scheduler": scheduler, "interval": "step"}
+
+
+def on_plateau(optimizer: torch.optim.Optimizer, factor: float, threshold: float) -> dict[str, Any]:
+    """A Lightning ``lr_scheduler`` config: every learning rate times ``factor`` after each epoch
+    whose val loss does not beat the best by ``threshold`` of it (relative).
+
+    Why patience 0: with :class:`~lightning_simo.callbacks.plateau.PlateauStopping` (patience p,
+    the same relative threshold) the run then tries p smaller learning rates before it stops, so
+    it ends where lowering the rate no longer helps (a plateau), not where a constant rate's
+    epoch-to-epoch noise happened to miss a minimum p times.
+    """
+    if not 0.0 < factor < 1.0:
+        raise ValueError(f"plateau_factor must lie in (0, 1), got {factor}.")
+    if not 0.0 <= threshold < 1.0:
+        raise ValueError(f"plateau_threshold must lie in [0, 1), got {threshold}.")
+    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+        optimizer, mode="min", factor=factor, patience=0, threshold=threshold, threshold_mode="rel"
+    )
+    return {"scheduler": scheduler, "interval": "epoch", "monitor": PLATEAU_MONITOR}

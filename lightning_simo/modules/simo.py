@@ -24,7 +24,7 @@ from lightning_simo.evaluation import delta_mtl, normalized_performance
 from lightning_simo.models.encoders import EncoderConfig, EncoderOutput
 from lightning_simo.models.heads import HeadConfig
 from lightning_simo.models.simo import SIMONet
-from lightning_simo.modules.schedules import one_cycle, stepping_batches
+from lightning_simo.modules.schedules import SCHEDULES, on_plateau, one_cycle, stepping_batches
 from lightning_simo.tasks import Task, build_tasks
 
 __all__ = ["SIMOModule", "load_reference_metrics"]
@@ -68,7 +68,12 @@ class SIMOModule(L.LightningModule):
         head_lr: learning rate of the heads.
         weight_decay: AdamW weight decay.
         warmup_fraction: share of the one-cycle schedule spent warming up (5% in the paper).
-        schedule: ``onecycle`` or ``constant``.
+        schedule: ``onecycle``, ``constant`` or ``plateau`` (learning rates times
+            ``plateau_factor`` after each epoch without a new val-loss minimum; for runs that
+            stop on a plateau, see :mod:`lightning_simo.modules.schedules`).
+        plateau_factor: the decay of the ``plateau`` schedule.
+        plateau_threshold: the relative val-loss improvement the ``plateau`` schedule counts
+            as progress (use the same ``min_rel_delta`` in ``PlateauStopping``).
         freeze_encoder: linear probe: the encoder never trains in this run.
         probe_epochs: linear probe then fine-tune in one run: encoder gradients are cut for the
             first ``probe_epochs`` epochs, then the whole model trains.
@@ -94,6 +99,8 @@ class SIMOModule(L.LightningModule):
         weight_decay: float = 1e-4,
         warmup_fraction: float = 0.05,
         schedule: str = "onecycle",
+        plateau_factor: float = 0.3,
+        plateau_threshold: float = 0.01,
         freeze_encoder: bool = False,
         probe_epochs: int = 0,
         init_from: str | None = None,
@@ -103,8 +110,8 @@ class SIMOModule(L.LightningModule):
         super().__init__()
         enc_cfg = EncoderConfig.coerce(encoder)
         head_cfg = HeadConfig.coerce(head)
-        if schedule not in ("onecycle", "constant"):
-            raise ValueError(f"schedule must be 'onecycle' or 'constant', got {schedule!r}.")
+        if schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}; got {schedule!r}.")
         if not 0.0 <= warmup_fraction < 1.0:
             raise ValueError(f"warmup_fraction must lie in [0, 1), got {warmup_fraction}.")
         self.save_hyperparameters()
@@ -370,14 +377,17 @@ class SIMOModule(L.LightningModule):
                 "Nothing to train: every parameter is frozen. Choose a re-alignment mode that "
                 "trains something, or run `test` instead of `fit`."
             )
-        opt = torch.optim.AdamW(groups, weight_decay=self.hparams.weight_decay)
-        if self.hparams.schedule == "constant":
+        hp = self.hparams
+        opt = torch.optim.AdamW(groups, weight_decay=hp.weight_decay)
+        if hp.schedule == "constant":
             return opt
-        total = stepping_batches(self.trainer)
-        return {
-            "optimizer": opt,
-            "lr_scheduler": one_cycle(opt, total, self.hparams.warmup_fraction),
-        }
+        if hp.schedule == "plateau":
+            schedule = on_plateau(opt, hp.plateau_factor, hp.plateau_threshold)
+            if not self.automatic_optimization:  # the module steps it with the val loss
+                del schedule["monitor"]
+        else:
+            schedule = one_cycle(opt, stepping_batches(self.trainer), hp.warmup_fraction)
+        return {"optimizer": opt, "lr_scheduler": schedule}
 
     def on_fit_start(self) -> None:
         from lightning.pytorch.loggers import TensorBoardLogger
